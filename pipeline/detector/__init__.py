@@ -1,0 +1,9 @@
+"""Faster R-CNN C4 region detector with attribute head, on detectron2 (SPEC 2.1).
+
+`Detector.from_config(config_path, weights=None, device="cpu")` returns a
+callable: list of HxWx3 uint8 RGB images -> list of `Detections`. Without
+weights the model is randomly initialised (tests, demo). See README.md here.
+"""
+from pipeline.detector.api import Detections, Detector
+
+__all__ = ["Detections", "Detector"]

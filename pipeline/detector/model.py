@@ -1,0 +1,487 @@
+"""The product's detectron2 parts for a Faster R-CNN C4 feature extractor.
+
+Registered in detectron2's registries (importing this module registers them):
+
+* `build_vlmixer_resnet_backbone` (BACKBONE_REGISTRY): detectron2's ResNet /
+  ResNeXt stem + res2..res4, with configurable blocks per stage (tiny test
+  models) and an optional Caffe-style stem pool (bottom-up attention);
+* `VLMixerLegacyAnchorGenerator` (ANCHOR_GENERATOR_REGISTRY): the anchors of
+  Detectron / maskrcnn-benchmark `generate_anchors` (centred at
+  (stride-1)/2, rounded +1 widths, ratio-major order), so RPN weights of
+  those models apply unchanged;
+* `VLMixerRPN` (PROPOSAL_GENERATOR_REGISTRY): inference-only RPN with the
+  maskrcnn-benchmark post-processing (+1 decode, clip to w-1, +1 NMS) when
+  `VLMIXER.LEGACY_BOXES`, and anchors restricted to each image's own padded
+  extent so a batch gives the same proposals as one image at a time;
+* `VLMixerRes5ROIHeads` (ROI_HEADS_REGISTRY): detectron2's `Res5ROIHeads`
+  (RoIAlign 14x14 on res4, res5 box head, average pool) plus the attribute
+  head and the "NMS filter 1" box selection on the proposals.
+
+Numerics versus maskrcnn-benchmark (what VinVL was trained with): frozen BN
+without eps (set by `VLMIXER.FROZEN_BN_EPS`), non-aligned RoIAlign
+(`POOLER_TYPE: ROIAlign`), and the +1 box convention are matched. What
+differs: image resizing (PIL bilinear like torchvision's on PIL images; same
+sizes), float summation order in convolutions.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.detector._compat import ensure_detectron2
+from pipeline.detector.selection import select_boxes
+
+ensure_detectron2()
+
+from detectron2.config import configurable  # noqa: E402
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec  # noqa: E402
+from detectron2.modeling import (  # noqa: E402
+    ANCHOR_GENERATOR_REGISTRY,
+    BACKBONE_REGISTRY,
+    PROPOSAL_GENERATOR_REGISTRY,
+    ROI_HEADS_REGISTRY,
+)
+from detectron2.modeling.anchor_generator import BufferList, DefaultAnchorGenerator  # noqa: E402
+from detectron2.modeling.backbone.resnet import BasicStem, BottleneckBlock, ResNet  # noqa: E402
+from detectron2.modeling.proposal_generator.rpn import RPN  # noqa: E402
+from detectron2.modeling.roi_heads import Res5ROIHeads  # noqa: E402
+from detectron2.structures import Boxes, ImageList, Instances  # noqa: E402
+
+_DEPTH_BLOCKS = {50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}
+_BBOX_CLIP = math.log(1000.0 / 16)
+
+
+def blocks_per_stage(cfg: Any) -> list[int]:
+    """Blocks of res2..res5 from VLMIXER.RESNET_BLOCKS or MODEL.RESNETS.DEPTH."""
+    if len(cfg.VLMIXER.RESNET_BLOCKS):
+        return [int(b) for b in cfg.VLMIXER.RESNET_BLOCKS]
+    return list(_DEPTH_BLOCKS[cfg.MODEL.RESNETS.DEPTH])
+
+
+# --------------------------------------------------------------------------- backbone
+class CaffeMaxPoolStem(BasicStem):
+    """Stem of the Caffe bottom-up-attention ResNet: max pool 3x3/2, no padding, ceil mode."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu_(self.conv1(x))
+        return F.max_pool2d(x, kernel_size=3, stride=2, padding=0, ceil_mode=True)
+
+
+@BACKBONE_REGISTRY.register()
+def build_vlmixer_resnet_backbone(cfg: Any, input_shape: ShapeSpec) -> ResNet:
+    """ResNet/ResNeXt stem + res2..res4 (only the stages the RPN/ROI features need are built)."""
+    norm = cfg.MODEL.RESNETS.NORM
+    stem_cls = CaffeMaxPoolStem if cfg.VLMIXER.STEM_POOL == "caffe" else BasicStem
+    stem = stem_cls(in_channels=input_shape.channels, out_channels=cfg.MODEL.RESNETS.STEM_OUT_CHANNELS, norm=norm)
+    out_features = list(cfg.MODEL.RESNETS.OUT_FEATURES)
+    n_stages = max({"res2": 1, "res3": 2, "res4": 3, "res5": 4}[f] for f in out_features)
+    blocks = blocks_per_stage(cfg)
+    bottleneck = cfg.MODEL.RESNETS.NUM_GROUPS * cfg.MODEL.RESNETS.WIDTH_PER_GROUP
+    in_ch = cfg.MODEL.RESNETS.STEM_OUT_CHANNELS
+    out_ch = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS
+    stages = []
+    for idx in range(n_stages):
+        first_stride = 1 if idx == 0 else 2
+        stages.append(ResNet.make_stage(
+            block_class=BottleneckBlock,
+            num_blocks=blocks[idx],
+            stride_per_block=[first_stride] + [1] * (blocks[idx] - 1),
+            in_channels=in_ch,
+            out_channels=out_ch,
+            bottleneck_channels=bottleneck,
+            num_groups=cfg.MODEL.RESNETS.NUM_GROUPS,
+            norm=norm,
+            stride_in_1x1=cfg.MODEL.RESNETS.STRIDE_IN_1X1,
+            dilation=1,
+        ))
+        in_ch, out_ch, bottleneck = out_ch, out_ch * 2, bottleneck * 2
+    return ResNet(stem, stages, out_features=out_features, freeze_at=cfg.MODEL.BACKBONE.FREEZE_AT)
+
+
+# --------------------------------------------------------------------------- anchors
+def legacy_cell_anchors(stride: int, sizes: Sequence[float], ratios: Sequence[float]) -> np.ndarray:
+    """Detectron's `generate_anchors` (as in maskrcnn-benchmark): (len(ratios)*len(sizes), 4),
+    ratio-major, x1y1x2y2 with the +1 convention, centred at ((stride-1)/2, (stride-1)/2)."""
+    base = np.array([0, 0, stride - 1, stride - 1], dtype=np.float64)
+
+    def whctrs(a: np.ndarray) -> tuple[float, float, float, float]:
+        w, h = a[2] - a[0] + 1, a[3] - a[1] + 1
+        return w, h, a[0] + 0.5 * (w - 1), a[1] + 0.5 * (h - 1)
+
+    def mk(ws: np.ndarray, hs: np.ndarray, xc: float, yc: float) -> np.ndarray:
+        ws, hs = ws[:, None], hs[:, None]
+        return np.hstack([xc - 0.5 * (ws - 1), yc - 0.5 * (hs - 1), xc + 0.5 * (ws - 1), yc + 0.5 * (hs - 1)])
+
+    w, h, xc, yc = whctrs(base)
+    size_ratios = (w * h) / np.asarray(ratios, dtype=np.float64)
+    ws = np.round(np.sqrt(size_ratios))
+    hs = np.round(ws * np.asarray(ratios, dtype=np.float64))
+    ratio_anchors = mk(ws, hs, xc, yc)
+    scales = np.asarray(sizes, dtype=np.float64) / stride
+    out = []
+    for a in ratio_anchors:
+        w, h, xc, yc = whctrs(a)
+        out.append(mk(w * scales, h * scales, xc, yc))
+    return np.vstack(out)
+
+
+@ANCHOR_GENERATOR_REGISTRY.register()
+class VLMixerLegacyAnchorGenerator(DefaultAnchorGenerator):
+    """Anchors of maskrcnn-benchmark / Detectron (see `legacy_cell_anchors`); grid offset 0."""
+
+    def _calculate_anchors(self, sizes: Any, aspect_ratios: Any) -> BufferList:
+        cells = [
+            torch.from_numpy(legacy_cell_anchors(int(s), sz, ar)).float()
+            for s, sz, ar in zip(self.strides, sizes, aspect_ratios)
+        ]
+        return BufferList(cells)
+
+    def _grid_anchors(self, grid_sizes: list[list[int]]) -> list[torch.Tensor]:
+        # as detectron2's, with meshgrid(indexing="ij") (no deprecation warning)
+        out = []
+        for (gh, gw), stride, base in zip(grid_sizes, self.strides, self.cell_anchors.buffers()):
+            sx = torch.arange(0, int(gw) * stride, step=stride, dtype=torch.float32, device=base.device)
+            sy = torch.arange(0, int(gh) * stride, step=stride, dtype=torch.float32, device=base.device)
+            yy, xx = torch.meshgrid(sy + self.offset * stride, sx + self.offset * stride, indexing="ij")
+            xx, yy = xx.reshape(-1), yy.reshape(-1)
+            shifts = torch.stack((xx, yy, xx, yy), dim=1)
+            out.append((shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4))
+        return out
+
+
+# --------------------------------------------------------------------------- RPN
+def decode_boxes(deltas: torch.Tensor, boxes: torch.Tensor, weights: Sequence[float], legacy: bool) -> torch.Tensor:
+    """Apply (dx, dy, dw, dh) deltas to boxes; `legacy`: widths are x2 - x1 + 1 and x2 = x1 + w - 1."""
+    one = 1.0 if legacy else 0.0
+    boxes = boxes.to(deltas.dtype)
+    widths = boxes[:, 2] - boxes[:, 0] + one
+    heights = boxes[:, 3] - boxes[:, 1] + one
+    ctr_x = boxes[:, 0] + 0.5 * widths
+    ctr_y = boxes[:, 1] + 0.5 * heights
+    wx, wy, ww, wh = weights
+    dx, dy = deltas[:, 0] / wx, deltas[:, 1] / wy
+    dw = (deltas[:, 2] / ww).clamp(max=_BBOX_CLIP)
+    dh = (deltas[:, 3] / wh).clamp(max=_BBOX_CLIP)
+    px, py = dx * widths + ctr_x, dy * heights + ctr_y
+    pw, ph = torch.exp(dw) * widths, torch.exp(dh) * heights
+    return torch.stack([px - 0.5 * pw, py - 0.5 * ph, px + 0.5 * pw - one, py + 0.5 * ph - one], dim=1)
+
+
+def padded_extent(size: tuple[int, int], divisibility: int) -> tuple[int, int]:
+    """An image's height and width padded to the size divisibility (what a batch of one would use)."""
+    h, w = size
+    d = max(int(divisibility), 1)
+    return (h + d - 1) // d * d, (w + d - 1) // d * d
+
+
+@PROPOSAL_GENERATOR_REGISTRY.register()
+class VLMixerRPN(RPN):
+    """Inference-only RPN on one feature map with the reference post-processing.
+
+    Per image: anchors inside its own padded extent only (so batching does
+    not add proposals), top PRE_NMS_TOPK_TEST by objectness, decode, clip,
+    NMS at RPN.NMS_THRESH, keep POST_NMS_TOPK_TEST. `legacy` selects the
+    maskrcnn-benchmark +1 conventions for decode, clip and NMS.
+    """
+
+    @configurable
+    def __init__(self, *, legacy: bool = True, size_divisibility: int = 32, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.legacy = legacy
+        self.size_divisibility = size_divisibility
+
+    @classmethod
+    def from_config(cls, cfg: Any, input_shape: dict[str, ShapeSpec]) -> dict[str, Any]:
+        ret = super().from_config(cfg, input_shape)
+        ret["legacy"] = bool(cfg.VLMIXER.LEGACY_BOXES)
+        ret["size_divisibility"] = int(cfg.VLMIXER.SIZE_DIVISIBILITY)
+        return ret
+
+    def forward(self, images: ImageList, features: dict[str, torch.Tensor], gt_instances: Any = None):  # type: ignore[override]
+        if self.training:
+            raise NotImplementedError("VLMixerRPN is inference-only; train with detectron2's RPN")
+        feats = [features[f] for f in self.in_features]
+        if len(feats) != 1:
+            raise ValueError("VLMixerRPN takes exactly one feature map (C4)")
+        feat = feats[0]
+        anchors = self.anchor_generator(feats)[0].tensor  # (H*W*A, 4)
+        logits, deltas = self.rpn_head(feats)
+        n, a, fh, fw = logits[0].shape
+        obj = logits[0].permute(0, 2, 3, 1).reshape(n, -1)  # (N, H*W*A)
+        dlt = deltas[0].view(n, a, 4, fh, fw).permute(0, 3, 4, 1, 2).reshape(n, -1, 4)
+        stride = images.tensor.shape[-1] // feat.shape[-1]
+        ys = torch.arange(fh, device=feat.device).view(fh, 1, 1).expand(fh, fw, a).reshape(-1)
+        xs = torch.arange(fw, device=feat.device).view(1, fw, 1).expand(fh, fw, a).reshape(-1)
+        out = []
+        for i, size in enumerate(images.image_sizes):
+            h, w = int(size[0]), int(size[1])
+            ph, pw = padded_extent((h, w), self.size_divisibility)
+            valid = torch.nonzero((ys < ph // stride) & (xs < pw // stride), as_tuple=True)[0]
+            scores = obj[i, valid]
+            k = min(int(self.pre_nms_topk[False]), scores.numel())
+            top, idx = scores.topk(k)
+            sel = valid[idx]
+            boxes = decode_boxes(dlt[i, sel].float(), anchors[sel], self.box2box_transform.weights, self.legacy)
+            one = 1.0 if self.legacy else 0.0
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(min=0, max=w - one)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(min=0, max=h - one)
+            ok = torch.isfinite(boxes).all(dim=1) & torch.isfinite(top)
+            if not self.legacy:  # detectron2 drops empty boxes
+                ok &= (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            if self.min_box_size > 0:
+                ok &= ((boxes[:, 2] - boxes[:, 0] + one) >= self.min_box_size) & (
+                    (boxes[:, 3] - boxes[:, 1] + one) >= self.min_box_size)
+            boxes, top = boxes[ok], top[ok]
+            nms_boxes = boxes + torch.tensor([0.0, 0.0, one, one], device=boxes.device) if self.legacy else boxes
+            from torchvision.ops import nms
+
+            keep = nms(nms_boxes, top, self.nms_thresh)[: int(self.post_nms_topk[False])]
+            inst = Instances((h, w))
+            inst.proposal_boxes = Boxes(boxes[keep])
+            inst.objectness_logits = top[keep]
+            out.append(inst)
+        return out, {}
+
+
+# --------------------------------------------------------------------------- ROI heads
+class AttributeHead(nn.Module):
+    """Attribute predictor of VinVL/bottom-up attention: [feature, embed(class)] -> fc -> ReLU -> scores."""
+
+    def __init__(self, *, feature_dim: int, num_classes: int, num_attributes: int,
+                 embed_dim: int = 256, hidden_dim: int = 512) -> None:
+        super().__init__()
+        # num_classes + 1 rows: detectron2 class order, background last.
+        self.cls_embedding = nn.Embedding(num_classes + 1, embed_dim)
+        self.fc_attr = nn.Linear(feature_dim + embed_dim, hidden_dim)
+        self.attr_score = nn.Linear(hidden_dim, num_attributes + 1)
+        for m in (self.cls_embedding, self.fc_attr, self.attr_score):
+            nn.init.normal_(m.weight, std=0.01)
+        nn.init.zeros_(self.fc_attr.bias)
+        nn.init.zeros_(self.attr_score.bias)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([features, self.cls_embedding(labels).to(features.dtype)], dim=1)
+        return self.attr_score(F.relu(self.fc_attr(x)))
+
+
+@ROI_HEADS_REGISTRY.register()
+class VLMixerRes5ROIHeads(Res5ROIHeads):
+    """Res5ROIHeads for feature extraction: pooled res5 features, class scores, "NMS filter 1"
+    on the proposal boxes (no box regression) and the attribute head. Inference only.
+
+    Output per image: Instances with pred_boxes (the selected proposals), scores,
+    pred_classes (0-based), features (pooled res5), attr_ids (0-based, -1 pad)
+    and attr_scores (0 pad).
+    """
+
+    @configurable
+    def __init__(self, *, attribute_head: nn.Module | None = None, selection: dict[str, Any] | None = None,
+                 attr_thresh: float = 0.05, attr_max: int = 16, legacy: bool = True,
+                 size_divisibility: int = 32, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.attribute_head = attribute_head
+        self.selection = dict(selection or {})
+        self.attr_thresh = attr_thresh
+        self.attr_max = attr_max
+        self.legacy = legacy
+        self.size_divisibility = size_divisibility
+
+    @classmethod
+    def from_config(cls, cfg: Any, input_shape: dict[str, ShapeSpec]) -> dict[str, Any]:
+        ret = super().from_config(cfg, input_shape)
+        feature_dim = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * 8
+        att = cfg.VLMIXER.ATTRIBUTE
+        if att.ENABLED:
+            ret["attribute_head"] = AttributeHead(
+                feature_dim=feature_dim, num_classes=cfg.MODEL.ROI_HEADS.NUM_CLASSES,
+                num_attributes=att.NUM_ATTRIBUTES, embed_dim=att.CLS_EMBED_DIM, hidden_dim=att.HIDDEN_DIM)
+        ret["selection"] = {
+            "iou_thresh": float(cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST),
+            "score_thresh": float(cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST),
+            "min_boxes": int(cfg.VLMIXER.SELECTION.MIN_DETECTIONS),
+            "max_boxes": int(cfg.TEST.DETECTIONS_PER_IMAGE),
+            "prefilter": float(cfg.VLMIXER.SELECTION.PREFILTER),
+            "max_pairs": int(cfg.VLMIXER.SELECTION.MAX_PAIRS),
+        }
+        ret["attr_thresh"] = float(att.SCORE_THRESH)
+        ret["attr_max"] = int(att.MAX_PER_BOX)
+        ret["legacy"] = bool(cfg.VLMIXER.LEGACY_BOXES)
+        ret["size_divisibility"] = int(cfg.VLMIXER.SIZE_DIVISIBILITY)
+        return ret
+
+    @classmethod
+    def _build_res5_block(cls, cfg: Any) -> tuple[nn.Module, int]:
+        n_blocks = blocks_per_stage(cfg)[3]
+        factor = 2 ** 3  # res5 is 8x res2
+        bottleneck = cfg.MODEL.RESNETS.NUM_GROUPS * cfg.MODEL.RESNETS.WIDTH_PER_GROUP * factor
+        out_channels = cfg.MODEL.RESNETS.RES2_OUT_CHANNELS * factor
+        blocks = ResNet.make_stage(
+            BottleneckBlock, n_blocks, stride_per_block=[2] + [1] * (n_blocks - 1),
+            in_channels=out_channels // 2, bottleneck_channels=bottleneck, out_channels=out_channels,
+            num_groups=cfg.MODEL.RESNETS.NUM_GROUPS, norm=cfg.MODEL.RESNETS.NORM,
+            stride_in_1x1=cfg.MODEL.RESNETS.STRIDE_IN_1X1)
+        return nn.Sequential(*blocks), out_channels
+
+    def pooled_features(self, images: ImageList, features: dict[str, torch.Tensor],
+                        boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+        """RoIAlign each image on its own padded extent of the feature map (so a batch equals
+        single images even for boxes at the border), then res5 and average pooling."""
+        feat = features[self.in_features[0]]
+        stride = images.tensor.shape[-1] // feat.shape[-1]
+        crops = []
+        for i, size in enumerate(images.image_sizes):
+            if boxes[i].shape[0] == 0:
+                continue
+            ph, pw = padded_extent((int(size[0]), int(size[1])), self.size_divisibility)
+            fmap = feat[i : i + 1, :, : ph // stride, : pw // stride]
+            crops.append(self.pooler([fmap], [Boxes(boxes[i])]))
+        if not crops:
+            c = self.res5[-1].out_channels
+            return feat.new_zeros((0, c))
+        x = self.res5(torch.cat(crops))
+        return x.mean(dim=(2, 3))
+
+    def forward(self, images: ImageList, features: dict[str, torch.Tensor],  # type: ignore[override]
+                proposals: list[Instances], targets: Any = None):
+        if self.training:
+            raise NotImplementedError("VLMixerRes5ROIHeads is inference-only")
+        boxes = [p.proposal_boxes.tensor for p in proposals]
+        pooled = self.pooled_features(images, features, boxes)
+        logits = self.box_predictor.cls_score(pooled)
+        probs = F.softmax(logits.float(), dim=-1)[:, :-1]  # detectron2 puts background last
+        counts = [b.shape[0] for b in boxes]
+        per_img_probs = probs.split(counts)
+        per_img_feats = pooled.split(counts)
+        sels = select_boxes(boxes, list(per_img_probs), legacy=self.legacy, **self.selection)
+        feats_sel = [f[s.indices] for f, s in zip(per_img_feats, sels)]
+        labels_all = torch.cat([s.labels for s in sels]) if sels else probs.new_zeros((0,), dtype=torch.long)
+        attr_ids, attr_scores = self._attributes(torch.cat(feats_sel) if feats_sel else pooled[:0], labels_all)
+        results = []
+        start = 0
+        for img_boxes, s, f, p in zip(boxes, sels, feats_sel, proposals):
+            k = s.indices.numel()
+            inst = Instances(p.image_size)
+            inst.pred_boxes = Boxes(img_boxes[s.indices])
+            inst.scores = s.scores
+            inst.pred_classes = s.labels
+            inst.features = f
+            inst.attr_ids = attr_ids[start : start + k]
+            inst.attr_scores = attr_scores[start : start + k]
+            start += k
+            results.append(inst)
+        return results, {}
+
+    def _attributes(self, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = feats.shape[0]
+        k = self.attr_max
+        if self.attribute_head is None or n == 0 or k <= 0:
+            return (torch.full((n, max(k, 0)), -1, dtype=torch.long, device=feats.device),
+                    torch.zeros((n, max(k, 0)), dtype=torch.float32, device=feats.device))
+        probs = F.softmax(self.attribute_head(feats, labels).float(), dim=-1)
+        probs[:, 0] = 0.0  # index 0 is "no attribute"
+        probs = torch.where(probs >= self.attr_thresh, probs, torch.zeros_like(probs))
+        kk = min(k, probs.shape[1])
+        scores, ids = probs.topk(kk, dim=1)
+        ids = torch.where(scores > 0, ids - 1, torch.full_like(ids, -1))
+        if kk < k:
+            ids = F.pad(ids, (0, k - kk), value=-1)
+            scores = F.pad(scores, (0, k - kk), value=0.0)
+        return ids, scores
+
+
+# --------------------------------------------------------------------------- numerics helpers
+def set_frozen_bn_eps(model: nn.Module, eps: float) -> None:
+    """maskrcnn-benchmark's frozen BN has no eps; detectron2's has 1e-5."""
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            m.eps = float(eps)
+
+
+@torch.no_grad()
+def calibrate_frozen_bn(model: nn.Module, run: Any, min_var: float = 1e-4) -> None:
+    """For random weights: set every frozen BN's statistics to those of its input on one
+    forward pass (`run()`), layer by layer, with weight 1 and bias 0.
+
+    Why: with random convolutions and identity frozen BN the activations of a
+    deep ResNet grow by orders of magnitude and the detector returns nothing
+    useful; normalising each layer keeps them in range, like trained BN would.
+    """
+    hooks = []
+
+    def pre_hook(mod: FrozenBatchNorm2d, args: tuple[torch.Tensor, ...]) -> None:
+        x = args[0].float()
+        dims = [0] + list(range(2, x.dim()))
+        mod.running_mean.copy_(x.mean(dim=dims))
+        mod.running_var.copy_(x.var(dim=dims, unbiased=False).clamp(min=min_var))
+        mod.weight.fill_(1.0)
+        mod.bias.zero_()
+
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            hooks.append(m.register_forward_pre_hook(pre_hook))
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+class PadMasker:
+    """Zero activations outside each image's own padded extent inside a mixed-size batch.
+
+    Why: with padding, a small image in a batch sees the (non-zero, after BN
+    bias and ReLU) activations of the padded area where, run alone, its
+    convolutions would see zero padding. Zeroing the input of every
+    convolution with a spatial kernel (and the stem output before its max
+    pool, whose inputs are >= 0) makes the batch compute exactly what each
+    image computes alone. Costs one multiply per such convolution, and only
+    when the batch mixes padded sizes.
+    """
+
+    def __init__(self) -> None:
+        self.extents: list[tuple[int, int]] | None = None  # padded (h, w) per image, input pixels
+        self.full: tuple[int, int] = (0, 0)
+        self._cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def attach(self, backbone: nn.Module, rpn_head: nn.Module) -> None:
+        for mod in list(backbone.modules()) + list(rpn_head.modules()):
+            if isinstance(mod, nn.Conv2d) and (mod.kernel_size[0] > 1 or mod.kernel_size[1] > 1):
+                mod.register_forward_pre_hook(self._pre)
+        stem_conv = getattr(getattr(backbone, "stem", None), "conv1", None)
+        if stem_conv is not None:
+            stem_conv.register_forward_hook(self._post)
+
+    def set(self, extents: list[tuple[int, int]] | None, full: tuple[int, int]) -> None:
+        self.extents = extents if extents and len(set(extents)) > 1 else None
+        self.full = full
+        self._cache.clear()
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.shape[0], x.shape[-2], x.shape[-1], x.device, x.dtype)
+        m = self._cache.get(key)
+        if m is None:
+            assert self.extents is not None
+            fh, fw = self.full
+            h, w = x.shape[-2], x.shape[-1]
+            m = torch.zeros((x.shape[0], 1, h, w), dtype=x.dtype, device=x.device)
+            for i, (eh, ew) in enumerate(self.extents):
+                m[i, :, : eh * h // fh, : ew * w // fw] = 1
+            self._cache[key] = m
+        return m
+
+    def _pre(self, mod: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        if self.extents is None:
+            return None
+        x = args[0]
+        return (x * self._mask(x),) + tuple(args[1:])
+
+    def _post(self, mod: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor | None:
+        if self.extents is None:
+            return None
+        return out * self._mask(out)
