@@ -1,0 +1,90 @@
+"""Records -> tagged sentences: spaCy (batched), concept matching, word-pieces.
+
+The output dicts are exactly what `TextStoreWriter.write_shard` takes. Char
+offsets (of spans and word-pieces) count code points of the sentence text, so
+`text[start:end]` is the grounded word even after emoji or accented letters.
+A grounded span's word-piece span is every word-piece overlapping its chars.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from .concepts import ConceptMatcher, TokenView
+from .corpus import SENTENCE_TOO_LONG, Record
+from .wordpiece import WordPieceTokenizer
+
+NO_WORDPIECES = "span_without_wordpieces"
+
+
+class SentenceTagger:
+    """Holds the loaded pieces; `tag(records)` streams sentences and counts what it skipped."""
+
+    def __init__(self, nlp: Any, matcher: ConceptMatcher, wordpiece: WordPieceTokenizer, *, split: bool,
+                 max_sentence_chars: int = 2000, batch_size: int = 256, n_process: int = 1) -> None:
+        self.nlp = nlp
+        self.matcher = matcher
+        self.wordpiece = wordpiece
+        self.split = split
+        self.max_sentence_chars = max_sentence_chars
+        self.batch_size = batch_size
+        self.n_process = n_process
+        self.skipped: Counter[str] = Counter()
+
+    def _sentences(self, records: Iterable[Record]) -> Iterator[dict[str, Any]]:
+        pairs = ((r.text, r) for r in records)
+        kwargs: dict[str, Any] = {"batch_size": self.batch_size}
+        if self.n_process > 1:
+            kwargs["n_process"] = self.n_process
+        for doc, rec in self.nlp.pipe(pairs, as_tuples=True, **kwargs):
+            lower = [t.lower_ for t in doc]
+            tv = TokenView(lower=lower, lemma=[t.lemma_.lower() for t in doc], pos=[t.pos_ for t in doc])
+            bounds = [(s.start, s.end) for s in doc.sents] if self.split else [(0, len(doc))]
+            k = 0
+            for a, b in bounds:
+                while a < b and doc[a].is_space:
+                    a += 1
+                while b > a and doc[b - 1].is_space:
+                    b -= 1
+                if a == b:
+                    continue
+                cs = doc[a].idx
+                ce = doc[b - 1].idx + len(doc[b - 1].text)
+                text = doc.text[cs:ce]
+                sid = f"{rec.base_id}#{k}" if self.split else rec.base_id
+                k += 1
+                if len(text) > self.max_sentence_chars:
+                    self.skipped[SENTENCE_TOO_LONG] += 1
+                    continue
+                spans = [(doc[i].idx - cs, doc[j - 1].idx + len(doc[j - 1].text) - cs, c)
+                         for i, j, c in self.matcher.match(tv, a, b)]
+                yield {"id": sid, "text": text, "image_key": rec.image_key, "char_spans": spans}
+
+    def tag(self, records: Iterable[Record], chunk: int = 1024) -> Iterator[dict[str, Any]]:
+        """Sentences with `tokens`, `token_chars` and 5-column `spans`, in input order."""
+        buf: list[dict[str, Any]] = []
+        for s in self._sentences(records):
+            buf.append(s)
+            if len(buf) >= chunk:
+                yield from self._wordpieces(buf)
+                buf = []
+        if buf:
+            yield from self._wordpieces(buf)
+
+    def _wordpieces(self, sents: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for s, (ids, offs) in zip(sents, self.wordpiece.encode_batch([s["text"] for s in sents])):
+            spans = []
+            for c0, c1, concept in s.pop("char_spans"):
+                t0 = int(np.searchsorted(offs[:, 1], c0, side="right")) if len(offs) else 0
+                t1 = int(np.searchsorted(offs[:, 0], c1, side="left")) if len(offs) else 0
+                if t1 <= t0:
+                    self.skipped[NO_WORDPIECES] += 1
+                    continue
+                spans.append((c0, c1, t0, t1, concept))
+            s["tokens"] = ids
+            s["token_chars"] = offs
+            s["spans"] = spans
+            yield s
