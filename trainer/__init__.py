@@ -1,0 +1,1 @@
+"""Cross-Modal CutMix, the model, the objectives and the training loop."""

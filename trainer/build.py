@@ -1,0 +1,69 @@
+"""Config -> opened stores and datasets; shared by the trainer, `mix show` and the bench.
+
+Stores are opened once here (in the training process) and checked against
+each other (one concept vocabulary, one word-piece vocabulary, the model's
+feature size) before any worker starts; the reader objects then travel to
+DataLoader workers and open their files there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from storage.gallery import GalleryReader
+from storage.textstore import TextStoreReader
+from trainer.cmc import CrossModalCutMix
+from trainer.config import TrainConfig
+from trainer.data import TavpDataset, TextCorpus, ValpDataset, WordPieceVocab, concept_wordpieces
+from vlmixer.errors import ConfigError
+
+
+@dataclass
+class Stores:
+    gallery: GalleryReader
+    texts: list[TextStoreReader]
+    tavp_galleries: list[GalleryReader]
+    vocab: WordPieceVocab
+
+
+def open_stores(cfg: TrainConfig) -> Stores:
+    d = cfg.data
+    gallery = GalleryReader(d.gallery)
+    sha = gallery.concepts.sha256
+    if gallery.feature_dim != cfg.model.feature_dim:
+        raise ConfigError(f"model.feature_dim={cfg.model.feature_dim} but the gallery {d.gallery} stores "
+                          f"{gallery.feature_dim}-d features")
+    texts = [TextStoreReader(p, expect_concepts_sha256=sha) for p in d.text_stores]
+    vocab_file = d.vocab_file or (str(texts[0].vocab_file) if texts else "")
+    if not vocab_file:
+        raise ConfigError("no word-piece vocabulary: set data.vocab_file or data.text_stores")
+    vocab = WordPieceVocab.read(vocab_file)
+    ref = Path(vocab_file).read_bytes()
+    for t in texts:
+        if t.vocab_file.read_bytes() != ref:
+            raise ConfigError(f"{t.root}: tokenised with another word-piece vocabulary than {vocab_file}; "
+                              "all text stores must share the model's vocabulary")
+    tavp = [GalleryReader(p, expect_concepts_sha256=sha) for p in d.tavp_galleries] or [gallery]
+    for g in tavp:
+        if g.feature_dim != gallery.feature_dim:
+            raise ConfigError(f"{g.root}: {g.feature_dim}-d features, the CMC gallery has {gallery.feature_dim}")
+    return Stores(gallery=gallery, texts=texts, tavp_galleries=tavp, vocab=vocab)
+
+
+def build_datasets(cfg: TrainConfig, stores: Stores) -> dict[str, torch.utils.data.Dataset]:
+    """The datasets of the tasks the config trains ("valp" and/or "tavp")."""
+    o, d = cfg.objective, cfg.data
+    mask = stores.vocab.mask_spec(o.mlm_prob, o.mlm_mask_frac, o.mlm_random_frac)
+    out: dict[str, torch.utils.data.Dataset] = {}
+    if d.tavp_ratio < 1.0:
+        out["valp"] = ValpDataset(corpus=TextCorpus(stores.texts),
+                                  cmc=CrossModalCutMix.from_config(stores.gallery, cfg.cmc),
+                                  vocab=stores.vocab, mask=mask, max_len=d.max_len_valp, seed=cfg.run.seed)
+    if d.tavp_ratio > 0.0:
+        pieces = concept_wordpieces(stores.vocab.path, stores.gallery.concepts.names)
+        out["tavp"] = TavpDataset(galleries=stores.tavp_galleries, tag_pieces=pieces, vocab=stores.vocab, mask=mask,
+                                  patch_mask_prob=o.patch_mask_prob, max_len=d.max_len_tavp,
+                                  max_tag_tokens=d.max_tag_tokens, seed=cfg.run.seed)
+    return out

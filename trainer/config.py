@@ -1,0 +1,185 @@
+"""Every key of a `vlmixer train` config, declared and commented in one place.
+
+A YAML file under `configs/pretrain/` is merged over these defaults by
+`vlmixer.config.load_config` (unknown keys are errors), then `key=value`
+overrides from the command line. `validate` checks cross-key constraints
+before any store is opened, so a typo fails in the first second, not after
+the model is built. Defaults are the paper's where it gives one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlmixer.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    # text stores (directories written by `vlmixer text tag`) feeding VALP; concatenated in order
+    text_stores: list[str] = field(default_factory=list)
+    # the patch gallery CMC draws patches from (and TAVP images, unless tavp_galleries is set)
+    gallery: str = ""
+    # galleries whose images are TAVP's image-only collection; empty: the CMC gallery
+    tavp_galleries: list[str] = field(default_factory=list)
+    # word-piece vocabulary (BERT vocab.txt); empty: the first text store's vocab.txt
+    vocab_file: str = ""
+    # fraction of optimiser steps that train TAVP; the rest train VALP (0 = VALP only, 1 = TAVP only)
+    tavp_ratio: float = 0.0
+    # maximum sequence length of a VALP sentence, [CLS] and [SEP] included (paper: 80)
+    max_len_valp: int = 80
+    # maximum sequence length of a TAVP input: tags + patches + 3 specials (paper: 100)
+    max_len_tavp: int = 100
+    # at most this many word-pieces of tags in a TAVP input; the rest of max_len_tavp is patches
+    max_tag_tokens: int = 30
+    # DataLoader worker processes per training process (0: load in the training process)
+    num_workers: int = 2
+    # batches each worker prepares ahead (DataLoader prefetch_factor)
+    prefetch_factor: int = 4
+
+
+@dataclass
+class CMCConfig:
+    # probability that a grounded word is replaced by a patch (r_cmc, paper: 0.5)
+    r_cmc: float = 0.5
+    # weight of the contextual-concept term in p_i (r_ctx, paper: 0.5)
+    r_ctx: float = 0.5
+    # K of K-shot CMC: candidate pool size drawn uniformly without replacement; 0 = whole concept list
+    k_shot: int = 15
+
+
+@dataclass
+class ModelConfig:
+    # BERT weights: a hub name or a local directory (from_pretrained); empty: random init from `bert`
+    pretrained: str = ""
+    # BertConfig fields for a random init (ignored when `pretrained` is set); vocab_size 0 = vocab file size
+    bert: dict[str, Any] = field(default_factory=lambda: {
+        "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+        "intermediate_size": 3072, "max_position_embeddings": 512, "vocab_size": 0,
+    })
+    # dimension of the gallery's region features (the detector's pooled res5 output)
+    feature_dim: int = 2048
+    # output size of the CMCL projection of [CLS]
+    proj_dim: int = 256
+    # dropout after the patch embedding LayerNorm
+    patch_dropout: float = 0.1
+
+
+@dataclass
+class ObjectiveConfig:
+    # fraction of text (or tag) tokens selected for MLM (paper/BERT: 0.15)
+    mlm_prob: float = 0.15
+    # of the selected tokens: fraction replaced by [MASK]; then random token; the rest unchanged (80/10/10)
+    mlm_mask_frac: float = 0.8
+    mlm_random_frac: float = 0.1
+    # CMCL temperature tau (paper: 0.1)
+    tau: float = 0.1
+    # gather CMCL negatives from every process (the global batch), as the paper
+    cmcl_global_negatives: bool = True
+    # loss weights of the VALP terms
+    mlm_weight: float = 1.0
+    cmcl_weight: float = 1.0
+    # loss weights of the TAVP terms: masked tag modelling, masked patch concept prediction
+    tag_weight: float = 1.0
+    patch_weight: float = 1.0
+    # fraction of TAVP patches masked (feature zeroed) and predicted as their concept
+    patch_mask_prob: float = 0.15
+
+
+@dataclass
+class OptimConfig:
+    # AdamW peak learning rate (paper: 5e-5)
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    # global batch: sentences (or images) per optimiser step over all processes (paper: 1024)
+    batch_size: int = 1024
+    # micro-batches accumulated per optimiser step; batch_size must divide by world_size * grad_accum
+    grad_accum: int = 1
+    # optimiser steps in total (paper: 300k); the schedule decays to 0 here
+    total_steps: int = 300_000
+    # linear warmup steps, then linear decay to 0 at total_steps
+    warmup_steps: int = 10_000
+    # clip the global gradient norm to this (0 = no clipping)
+    clip_grad_norm: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    # output directory: checkpoints/, tb/ (TensorBoard), metrics.jsonl, config.yaml
+    out_dir: str = "runs/vlmixer"
+    # master seed: CMC, masking, task schedule, init and dropout all derive from it
+    seed: int = 0
+    # "auto" (cuda when available), "cpu" or "cuda"
+    device: str = "auto"
+    # "bf16" autocast on GPU (ignored on CPU), or "fp32"
+    precision: str = "bf16"
+    # write a checkpoint every this many steps (and at the end)
+    ckpt_every: int = 1000
+    # keep this many step checkpoints (the newest); 0 keeps all
+    keep_last: int = 3
+    # log scalars every this many steps
+    log_every: int = 10
+    # show a progress bar on rank 0 (redrawn at most once a second)
+    progress: bool = True
+    # stop right after this step as if the job were killed (no final checkpoint); 0 = off.
+    # For resume drills and tests.
+    stop_at_step: int = 0
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    cmc: CMCConfig = field(default_factory=CMCConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def validate(cfg: TrainConfig, world_size: int = 1) -> None:
+    """Cross-key checks; raises ConfigError naming the key."""
+    d, c, o, op, r = cfg.data, cfg.cmc, cfg.objective, cfg.optim, cfg.run
+    if not 0.0 <= d.tavp_ratio <= 1.0:
+        raise ConfigError(f"data.tavp_ratio={d.tavp_ratio}: must be in [0, 1]")
+    if d.tavp_ratio < 1.0 and not d.text_stores:
+        raise ConfigError("data.text_stores is empty but VALP is on (data.tavp_ratio < 1)")
+    if not d.gallery:
+        raise ConfigError("data.gallery: a patch gallery is required (CMC draws patches from it)")
+    if d.tavp_ratio > 0 and not d.vocab_file and not d.text_stores:
+        raise ConfigError("TAVP needs a word-piece vocabulary: set data.vocab_file")
+    for k in ("max_len_valp", "max_len_tavp"):
+        if getattr(d, k) < 4:
+            raise ConfigError(f"data.{k}={getattr(d, k)}: too short (>= 4)")
+    if not 0 < d.max_tag_tokens < d.max_len_tavp - 3:
+        raise ConfigError(f"data.max_tag_tokens={d.max_tag_tokens}: must be in (0, max_len_tavp - 3)")
+    if d.num_workers < 0 or d.prefetch_factor < 1:
+        raise ConfigError("data.num_workers must be >= 0 and data.prefetch_factor >= 1")
+    if not 0.0 <= c.r_cmc <= 1.0:
+        raise ConfigError(f"cmc.r_cmc={c.r_cmc}: must be in [0, 1]")
+    if c.r_ctx < 0:
+        raise ConfigError(f"cmc.r_ctx={c.r_ctx}: must be >= 0")
+    if c.k_shot < 0:
+        raise ConfigError(f"cmc.k_shot={c.k_shot}: must be >= 0 (0 = whole concept list)")
+    if not 0 < o.mlm_prob < 1:
+        raise ConfigError(f"objective.mlm_prob={o.mlm_prob}: must be in (0, 1)")
+    if o.mlm_mask_frac < 0 or o.mlm_random_frac < 0 or o.mlm_mask_frac + o.mlm_random_frac > 1:
+        raise ConfigError("objective.mlm_mask_frac + mlm_random_frac must be within [0, 1]")
+    if o.tau <= 0:
+        raise ConfigError(f"objective.tau={o.tau}: must be > 0")
+    if not 0 <= o.patch_mask_prob < 1:
+        raise ConfigError(f"objective.patch_mask_prob={o.patch_mask_prob}: must be in [0, 1)")
+    if op.lr <= 0 or op.total_steps < 1 or op.warmup_steps < 0 or op.grad_accum < 1:
+        raise ConfigError("optim: lr > 0, total_steps >= 1, warmup_steps >= 0, grad_accum >= 1 required")
+    if len(op.betas) != 2:
+        raise ConfigError(f"optim.betas={op.betas}: two numbers")
+    if op.batch_size % (world_size * op.grad_accum):
+        raise ConfigError(f"optim.batch_size={op.batch_size} is not divisible by world_size ({world_size}) "
+                          f"x optim.grad_accum ({op.grad_accum})")
+    if r.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"run.device={r.device!r}: auto, cpu or cuda")
+    if r.precision not in ("bf16", "fp32"):
+        raise ConfigError(f"run.precision={r.precision!r}: bf16 or fp32")
+    if r.ckpt_every < 1 or r.log_every < 1 or r.keep_last < 0 or r.stop_at_step < 0:
+        raise ConfigError("run: ckpt_every >= 1, log_every >= 1, keep_last >= 0, stop_at_step >= 0 required")

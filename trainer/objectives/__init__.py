@@ -1,0 +1,43 @@
+"""Pre-training objectives, computed inside one module's forward so DDP sees one graph.
+
+`Pretrainer(batch, task)` encodes a batch and returns the weighted total
+and each term, for the task of the step ("valp" or "tavp").
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trainer.config import ObjectiveConfig
+from trainer.model import VLMixerModel
+from trainer.objectives.tavp import patch_concept_loss
+from trainer.objectives.valp import cmcl_loss, mlm_loss
+
+TASKS = ("valp", "tavp")
+
+
+class Pretrainer(nn.Module):
+    def __init__(self, *, model: VLMixerModel, objective: ObjectiveConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.obj = objective
+
+    def forward(self, batch: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+        enc = self.model.encode(batch)
+        o, m = self.obj, self.model
+        if task == "valp":
+            B = enc.hidden.shape[0] // 2  # rows: B masked text views, then B masked multi-modal views
+            mlm, n_mlm = mlm_loss(m.mlm_logits, enc.hidden[B:], batch["mlm_labels"][B:])
+            proj = m.project(enc.cls)
+            cl, n_neg = cmcl_loss(proj[:B], proj[B:], o.tau, o.cmcl_global_negatives)
+            total = o.mlm_weight * mlm + o.cmcl_weight * cl
+            return {"loss": total, "mlm": mlm.detach(), "cmcl": cl.detach(),
+                    "mlm_tokens": torch.tensor(float(n_mlm)), "cmcl_candidates": torch.tensor(float(n_neg))}
+        if task == "tavp":
+            tag, n_tag = mlm_loss(m.mlm_logits, enc.hidden, batch["mlm_labels"])
+            patch_hidden = enc.hidden[batch["is_patch"]]
+            pc, n_pc = patch_concept_loss(m.concept_logits, patch_hidden, batch["patch_labels"])
+            total = o.tag_weight * tag + o.patch_weight * pc
+            return {"loss": total, "tag": tag.detach(), "patch": pc.detach(),
+                    "tag_tokens": torch.tensor(float(n_tag)), "patch_targets": torch.tensor(float(n_pc))}
+        raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")

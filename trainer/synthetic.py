@@ -1,0 +1,132 @@
+"""Tiny synthetic stores with known contents, written through the real storage writers.
+
+Tests, `bench/cmc.py` and CPU smoke runs need a gallery and a text store in
+seconds without a detector or spaCy. Features carry a per-concept signal
+plus noise, so a model can learn that a patch of "dog" means the word "dog"
+(the tiny end-to-end run's loss must go down for a reason).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from storage.gallery import finalize_gallery
+from storage.gallery_writer import GalleryWriter
+from storage.textstore import TextStoreWriter
+from storage.vocab import Vocabulary
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+CONCEPTS = ["dog", "cat", "ball", "tree", "car", "traffic light", "man", "frisbee", "bench", "zebra"]
+WORDS = ["a", "the", "runs", "with", "near", "in", "park", "sits", "on", "street", "and", "next", "to", "big",
+         "small", "red", "plays", "under", ".", "dog", "cat", "ball", "tree", "car", "traffic", "light", "man",
+         "fr", "##is", "##bee", "bench", "zebra", "##s"]
+# grounded words in the templates and their concept names; "frisbee" splits into three word-pieces
+_TEMPLATES = [
+    "a {0} runs with a {1} .", "the {0} sits near the {1} in the park .", "a big {0} plays with a small {1} .",
+    "the red {0} is next to the {1} and the {2} .", "a {0} on the street .", "the {0} under a {1} .",
+]
+_FILLERS = ["is"]
+
+
+def write_vocab(path: str | Path, words: Sequence[str] = WORDS) -> Path:
+    """A BERT-style vocab.txt: the five specials, then `words` (plus fillers) in order."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    toks = SPECIALS + [w for w in list(words) + _FILLERS if w not in SPECIALS]
+    p.write_text("\n".join(dict.fromkeys(toks)) + "\n", encoding="utf-8")
+    return p
+
+
+def concept_signal(n_concepts: int, dim: int, seed: int = 1234) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n_concepts, dim)).astype(np.float32)
+
+
+def write_gallery(root: str | Path, concepts: Sequence[str], images: Sequence[Sequence[tuple[int, float]]], *,
+                  feature_dim: int = 2048, seed: int = 0, size: tuple[int, int] = (640, 480),
+                  paths: Sequence[str] | None = None, noise: float = 0.5) -> Path:
+    """One part, one shard; image i has patches [(concept, confidence), ...] with random boxes."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    sig = concept_signal(len(concepts), feature_dim)
+    w, h = size
+    vocab = Vocabulary(names=tuple(concepts))
+    writer = GalleryWriter(root, part=0, feature_dim=feature_dim, concepts=vocab, map_size=1 << 26)
+    with writer.shard("s0") as s:
+        for i, patches in enumerate(images):
+            n = len(patches)
+            c = np.array([p[0] for p in patches], dtype=np.int64).reshape(n)
+            conf = np.array([p[1] for p in patches], dtype=np.float32).reshape(n)
+            x1 = rng.uniform(0, w * 0.6, n)
+            y1 = rng.uniform(0, h * 0.6, n)
+            boxes = np.stack([x1, y1, x1 + rng.uniform(8, w * 0.4, n), y1 + rng.uniform(8, h * 0.4, n)], 1)
+            feats = sig[c] + noise * rng.standard_normal((n, feature_dim)).astype(np.float32)
+            path = paths[i] if paths is not None else f"/nonexistent/img{i}.jpg"
+            s.add_image(f"img{i}", path, w, h, boxes.reshape(n, 4), feats.reshape(n, feature_dim), c, conf)
+    writer.close()
+    finalize_gallery(root)
+    return root
+
+
+def write_text_store(root: str | Path, concepts: Sequence[str], vocab_file: str | Path,
+                     sentences: Sequence[tuple[str, Sequence[tuple[int, int, int]]]], shard_size: int = 0) -> Path:
+    """Sentences as (text, [(char_start, char_end, concept), ...]); word-pieces by the vocab's tokenizer."""
+    from tokenizers import BertWordPieceTokenizer
+
+    tok = BertWordPieceTokenizer(str(vocab_file), lowercase=True)
+    writer = TextStoreWriter(root, concepts=Vocabulary(names=tuple(concepts)), tokenizer_name="synthetic",
+                             vocab_file=vocab_file)
+    rows = []
+    for i, (text, grounded) in enumerate(sentences):
+        enc = tok.encode(text, add_special_tokens=False)
+        offs = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        spans = []
+        for cs, ce, concept in grounded:
+            inside = np.flatnonzero((offs[:, 0] >= cs) & (offs[:, 1] <= ce))
+            spans.append((cs, ce, int(inside[0]), int(inside[-1]) + 1, concept))
+        rows.append({"id": f"s{i}", "text": text, "tokens": enc.ids, "token_chars": offs, "spans": spans})
+    step = shard_size or len(rows) or 1
+    for k in range(0, max(len(rows), 1), step):
+        writer.write_shard(f"shard{k // step:05d}", rows[k: k + step])
+    writer.finalize()
+    return Path(root)
+
+
+def random_sentences(n: int, concepts: Sequence[str] = CONCEPTS, seed: int = 0
+                     ) -> list[tuple[str, list[tuple[int, int, int]]]]:
+    """Template sentences grounding 1-3 concepts each (never the same concept twice in one)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        t = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
+        k = t.count("{")
+        cs = rng.choice(len(concepts), size=k, replace=False)
+        text, spans = "", []
+        parts = t.split("{")
+        text = parts[0]
+        for j, part in enumerate(parts[1:]):
+            idx, rest = part.split("}", 1)
+            name = concepts[int(cs[int(idx)])]
+            spans.append((len(text), len(text) + len(name), int(cs[int(idx)])))
+            text += name + rest
+            del j
+        out.append((text, spans))
+    return out
+
+
+def tiny_stores(root: str | Path, *, n_images: int = 48, n_sentences: int = 256, feature_dim: int = 2048,
+                seed: int = 0, shard_size: int = 0) -> tuple[Path, Path]:
+    """(gallery dir, text store dir) under `root`; "zebra" (last concept) has no patch."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    with_patches = len(CONCEPTS) - 1
+    images = []
+    for _ in range(n_images):
+        n = int(rng.integers(2, 7))
+        images.append([(int(rng.integers(with_patches)), float(rng.uniform(0.2, 1.0))) for _ in range(n)])
+    gallery = write_gallery(root / "gallery", CONCEPTS, images, feature_dim=feature_dim, seed=seed)
+    vocab = write_vocab(root / "vocab.txt")
+    text = write_text_store(root / "text", CONCEPTS, vocab, random_sentences(n_sentences, seed=seed),
+                            shard_size=shard_size)
+    return gallery, text
