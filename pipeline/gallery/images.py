@@ -1,0 +1,175 @@
+"""Decode one image file into an RGB uint8 array, or say exactly why not.
+
+Image collections scraped or assembled by others always hold some files the
+detector must not see: empty or truncated downloads, HTML saved as `.jpg`,
+decompression bombs, CMYK or 16-bit or transparent images. Each is a
+`BadImage` with a short reason that the build records per image and prints
+in its summary; nothing here raises anything else for a bad file.
+
+Modes the detector cannot take are converted where the result is a faithful
+RGB picture (grayscale, palette, CMYK, 16-bit, alpha composited on white),
+and each conversion is reported back so the build can list it; with
+`strict_modes` those same images are refused instead. Orientation follows the
+EXIF tag, so boxes refer to the picture as a person sees it; `gallery show`
+decodes with the same function to crop the same pixels.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Pillow's own bomb guard uses this module global; every decode sets it from the
+# policy (see `_open`), and 0 or None would disable it, which we never allow.
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default: ~ 0.25 GiB of RGBA
+ODD_MODES = ("CMYK", "I;16", "I;16B", "I;16L", "I;16N", "I", "RGBA", "LA", "PA", "RGBa", "La", "YCbCr", "LAB", "HSV")
+
+
+class BadImage(Exception):
+    """A file the build skips; `reason` is short, stable and meant for people."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """What counts as a usable image. Kept small and picklable: it travels to Ray tasks."""
+
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    min_side: int = 8
+    strict_modes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_pixels < 1:
+            raise ValueError("max_pixels must be >= 1 (the decompression-bomb guard cannot be disabled)")
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB uint8 (H, W, 3) picture after EXIF orientation; `note` names any mode conversion."""
+
+    array: np.ndarray
+    note: str | None
+
+    @property
+    def height(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[1])
+
+
+def _open(data: bytes, policy: DecodePolicy) -> Image.Image:
+    Image.MAX_IMAGE_PIXELS = policy.max_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never gray-filled
+    with warnings.catch_warnings():
+        # Pillow warns between 1x and 2x MAX_IMAGE_PIXELS and raises above; both are "too large"
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise BadImage(f"too large (over {policy.max_pixels} pixels; decompression bomb guard)") from None
+        except UnidentifiedImageError:
+            raise BadImage("not an image (unrecognised format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise BadImage(f"unreadable header ({_short(e)})") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise BadImage(f"zero-sized image ({w}x{h})")
+    if w * h > policy.max_pixels:
+        raise BadImage(f"too large ({w}x{h} > {policy.max_pixels} pixels)")
+    if min(w, h) < policy.min_side:
+        raise BadImage(f"too small ({w}x{h}, min side {policy.min_side})")
+    return img
+
+
+def _short(e: BaseException) -> str:
+    s = str(e).strip() or type(e).__name__
+    return s if len(s) <= 120 else s[:117] + "..."
+
+
+def _sixteen_bit(img: Image.Image) -> bool:
+    """True when the file stores 16 bits per sample that Pillow would silently cut to 8 (RGB PNG)."""
+    for t in getattr(img, "tile", None) or ():
+        args = t[3] if len(t) > 3 else None
+        raw = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else "")
+        if isinstance(raw, str) and "16" in raw:
+            return True
+    return False
+
+
+def _to_rgb(img: Image.Image, strict: bool, deep: bool) -> tuple[Image.Image, str | None]:
+    mode = img.mode
+    odd = mode in ODD_MODES or (mode == "P" and "transparency" in img.info) or deep
+    if odd and strict:
+        what = f"16-bit {mode}" if deep and mode == "RGB" else mode
+        raise BadImage(f"unsupported mode {what} (strict modes)")
+    if mode == "RGB":
+        return img, ("16-bit RGB -> 8-bit RGB" if deep else None)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        a = np.asarray(img).astype(np.float64)
+        top = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        g = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([g, g, g], axis=-1)), f"{mode} (16-bit gray) -> RGB"
+    if mode == "F":
+        raise BadImage("unsupported mode F (32-bit float samples)")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "P+transparency"
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] == 255:
+            return rgba.convert("RGB"), f"{mode} (opaque alpha) -> RGB"
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB"), f"{mode} -> RGB on white"
+    try:
+        return img.convert("RGB"), (f"{mode} -> RGB" if mode not in ("L", "1", "P") else None)
+    except (ValueError, OSError) as e:
+        raise BadImage(f"unsupported mode {mode} ({_short(e)})") from None
+
+
+def decode_bytes(data: bytes, policy: DecodePolicy = DecodePolicy()) -> DecodedImage:
+    """Validate and decode an encoded image; raises `BadImage(reason)` for any bad file."""
+    if len(data) == 0:
+        raise BadImage("empty file (0 bytes)")
+    img = _open(data, policy)
+    deep = _sixteen_bit(img)
+    try:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(f"too large (over {policy.max_pixels} pixels; decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, MemoryError) as e:
+        msg = _short(e)
+        reason = "truncated" if "truncated" in msg.lower() else "corrupt"
+        raise BadImage(f"{reason} ({msg})") from None
+    try:
+        img = ImageOps.exif_transpose(img) or img
+        note_exif = None
+    except Exception as e:  # noqa: BLE001  a broken EXIF block must not cost the picture
+        note_exif = f"EXIF orientation ignored ({_short(e)})"
+    img, note = _to_rgb(img, policy.strict_modes, deep)
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise BadImage(f"decoder returned shape {arr.shape}")
+    notes = [n for n in (note, note_exif) if n]
+    return DecodedImage(array=np.ascontiguousarray(arr), note="; ".join(notes) or None)
+
+
+def load_rgb(path: str | Path, policy: DecodePolicy = DecodePolicy()) -> DecodedImage:
+    """Read and decode one file; missing or unreadable files are `BadImage` too."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise BadImage("missing file") from None
+    except IsADirectoryError:
+        raise BadImage("not a file (directory)") from None
+    except OSError as e:
+        raise BadImage(f"unreadable ({_short(e)})") from None
+    return decode_bytes(data, policy)

@@ -1,0 +1,550 @@
+"""`vlmixer gallery build`: plan shards, run them (Ray or in-process), finalize.
+
+The driver only plans and steers. On Ray, CPU tasks decode and resize a
+batch, a detector actor (one per GPU, or a few CPU ones) turns it into a
+`BatchPiece`, and when every batch of a shard is done the writer actor,
+pinned to the driver's node where the output lives, commits the shard in one
+transaction. The driver holds object refs, never image data, and a fixed
+window of them (`ray.wait`), so its memory does not grow with the job.
+
+Resume is derived from the store: a shard whose commit marker exists is
+skipped (and must hold the same keys, or the plan changed and we refuse).
+`--retry-failed` additionally re-runs the images recorded as failed, as new
+shards `r<attempt>-<shard>`, in the part that recorded them.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.gallery.images import DEFAULT_MAX_PIXELS, DecodePolicy
+from pipeline.gallery.sources import ImageItem, Shard, keys_digest, make_shards, read_source
+from pipeline.gallery.work import (
+    BatchPiece,
+    DetectorRunner,
+    ShardCommitter,
+    decode_batch,
+    failure_piece,
+)
+from vlmixer.errors import VlmixerError
+
+EXIT_SOME_FAILED = 3
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Every knob of a build; the CLI fills it, tests and the bench construct it directly."""
+
+    images: str
+    detector: str
+    out: str
+    weights: str | None = None
+    image_root: str | None = None
+    labelmap: str | None = None
+    vocab: str | None = None
+    ray_address: str = "local"  # "local" (start Ray here), "auto", an address, or "none" (no Ray)
+    num_cpus: int | None = None  # for a local Ray only
+    shard_size: int = 256
+    batch_size: int = 8
+    num_gpus_per_worker: float = 1.0
+    cpu_workers: int | None = None  # detector actors when the cluster has no GPU
+    retry_failed: bool = False
+    seed: int = 0
+    device: str = "auto"  # in-process only; Ray actors use their GPU if they got one
+    strict_modes: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_inflight_batches: int | None = None
+    progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise
+    max_listed: int = 50
+    # Python API only: builds the detector instead of `pipeline.detector.Detector.from_config`
+    # (must be importable where Ray runs it). Tests pass a double; users a custom detector.
+    detector_factory: Any = None
+
+    def policy(self) -> DecodePolicy:
+        return DecodePolicy(max_pixels=self.max_pixels, strict_modes=self.strict_modes)
+
+
+@dataclass
+class BuildReport:
+    """What a build did; `exit_code` is 0, or EXIT_SOME_FAILED when images are recorded as failed."""
+
+    out: str
+    images_planned: int = 0
+    shards_planned: int = 0
+    shards_skipped: int = 0
+    shards_done: int = 0
+    images_done: int = 0
+    patches_done: int = 0
+    failures_this_run: int = 0
+    gallery_images: int = 0
+    gallery_patches: int = 0
+    failed: list[dict[str, str]] = field(default_factory=list)
+    converted: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+    mode: str = ""
+    workers: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SOME_FAILED if self.failed else 0
+
+    def summary(self, max_listed: int = 50) -> str:
+        rate = self.images_done / self.seconds if self.seconds > 0 else 0.0
+        lines = [
+            f"gallery {self.out}: {self.gallery_images} images, {self.gallery_patches} patches",
+            f"this run ({self.mode}, {self.workers} detector worker(s)): {self.shards_done} shards "
+            f"({self.shards_skipped} already committed), {self.images_done} images, {self.patches_done} "
+            f"patches, {self.failures_this_run} failed, {self.seconds:.1f} s ({rate:.1f} images/s)",
+        ]
+        if self.converted:
+            lines.append(f"converted to RGB ({len(self.converted)}):")
+            for k, note in sorted(self.converted.items())[:max_listed]:
+                lines.append(f"  {k}: {note}")
+            if len(self.converted) > max_listed:
+                lines.append(f"  ... and {len(self.converted) - max_listed} more (shard stats: 'converted')")
+        if self.failed:
+            lines.append(f"FAILED images ({len(self.failed)}; recorded in the gallery, "
+                         "re-run only them with --retry-failed):")
+            for f in self.failed[:max_listed]:
+                lines.append(f"  {f['key']}: {f['reason']}  [{f['path']}]")
+            if len(self.failed) > max_listed:
+                lines.append(f"  ... and {len(self.failed) - max_listed} more (GalleryReader.failures())")
+        return "\n".join(lines)
+
+
+# -- validation and planning --------------------------------------------------------
+
+
+def validate(opts: BuildOptions) -> None:
+    """Check every argument before any work starts (and before Ray is started)."""
+    if not Path(opts.detector).is_file():
+        raise VlmixerError(f"{opts.detector}: detector config does not exist")
+    if opts.weights is not None and not Path(opts.weights).is_file():
+        raise VlmixerError(f"{opts.weights}: detector weights do not exist")
+    for name in ("labelmap", "vocab"):
+        v = getattr(opts, name)
+        if v is not None and not Path(v).is_file():
+            raise VlmixerError(f"{v}: --{name} file does not exist")
+    if opts.labelmap and opts.vocab:
+        raise VlmixerError("give either --labelmap or --vocab, not both")
+    if opts.image_root is not None and not Path(opts.image_root).is_dir():
+        raise VlmixerError(f"{opts.image_root}: --image-root is not a directory")
+    if Path(opts.out).exists() and not Path(opts.out).is_dir():
+        raise VlmixerError(f"{opts.out}: --out exists and is not a directory")
+    if opts.shard_size < 1 or opts.batch_size < 1:
+        raise VlmixerError("--shard-size and --batch-size must be >= 1")
+    if opts.num_gpus_per_worker < 0:
+        raise VlmixerError("--num-gpus-per-worker must be >= 0")
+    if opts.cpu_workers is not None and opts.cpu_workers < 1:
+        raise VlmixerError("--cpu-workers must be >= 1")
+    if opts.device not in ("auto", "cpu", "cuda") and not opts.device.startswith("cuda:"):
+        raise VlmixerError(f"--device {opts.device!r}: expected auto, cpu, cuda or cuda:N")
+    if not opts.ray_address:
+        raise VlmixerError("--ray-address must be auto, local, none or a Ray address")
+    if opts.max_pixels < 1:
+        raise VlmixerError("--max-pixels must be >= 1")
+
+
+def _existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
+    from storage.gallery_writer import committed_shards, list_parts
+
+    if not list_parts(out):
+        return {}, []
+    return committed_shards(out), _failures(out)
+
+
+def _failures(out: Path) -> list[dict[str, str]]:
+    """Failed images of every part (key, path, reason, shard, part), without needing a manifest."""
+    import msgpack
+
+    from storage.gallery_writer import list_parts, open_part_readonly
+
+    rows = []
+    for p in list_parts(out):
+        env = open_part_readonly(p)
+        try:
+            db = env.open_db(b"failed", create=False)
+            with env.begin(db=db) as txn:
+                for k, v in txn.cursor():
+                    rows.append({"key": bytes(k).decode(), **msgpack.unpackb(bytes(v)), "part": p.name})
+        finally:
+            env.close()
+    return sorted(rows, key=lambda r: r["key"])
+
+
+def plan(opts: BuildOptions, items: Sequence[ImageItem], committed: dict[str, dict[str, Any]],
+         failures: Sequence[dict[str, str]]) -> tuple[list[Shard], int]:
+    """Shards still to do (uncommitted plan shards, then retry shards), and how many were skipped."""
+    shards = make_shards(items, opts.shard_size, seed=opts.seed)
+    ids = {s.shard_id for s in shards}
+    foreign = sorted(s for s in committed if s not in ids and not s.startswith("r"))
+    if foreign:
+        raise VlmixerError(
+            f"{opts.out}: holds shards of another build plan ({foreign[0]}, ...): it was built with another "
+            "--shard-size or seed; resume with the same arguments or use a new --out")
+    todo, skipped = [], 0
+    for s in shards:
+        done = committed.get(s.shard_id)
+        if done is None:
+            todo.append(s)
+        elif done.get("keys_sha256") != s.keys_sha256:
+            raise VlmixerError(
+                f"{opts.out}: shard {s.shard_id} was committed with other images than the source now "
+                "lists (the collection changed); use a new --out")
+        else:
+            skipped += 1
+    if opts.retry_failed and failures:
+        attempt = 1 + max([int(s[1:].split("-", 1)[0]) for s in committed
+                           if s.startswith("r") and s[1:].split("-", 1)[0].isdigit()] or [0])
+        by_key = {it.key: it for it in items}
+        groups: dict[tuple[str, str], list[ImageItem]] = {}
+        for f in failures:
+            it = by_key.get(f["key"], ImageItem(key=f["key"], path=f["path"]))
+            groups.setdefault((f.get("part", ""), f.get("shard", "x")), []).append(it)
+        for (part, origin), group in sorted(groups.items()):
+            if part not in ("", "part-00000"):
+                raise VlmixerError(f"{opts.out}: failures recorded in {part}; this build writes part 0 only")
+            todo.append(Shard(shard_id=f"r{attempt}-{origin}", items=tuple(sorted(group, key=lambda i: i.key))))
+    return todo, skipped
+
+
+def _batches(shard: Shard, size: int) -> list[tuple[ImageItem, ...]]:
+    return [shard.items[i: i + size] for i in range(0, len(shard.items), size)]
+
+
+# -- vocabularies and provenance ----------------------------------------------------
+
+
+def _vocabularies(opts: BuildOptions, info: dict[str, Any]) -> tuple[list[list[str]], list[list[str]] | None]:
+    from storage.vocab import read_labelmap_json, read_vocab_txt
+
+    concepts, attributes = info.get("concepts"), info.get("attributes")
+    if opts.labelmap:
+        c, a = read_labelmap_json(opts.labelmap)
+        concepts, attributes = c.to_json(), (a.to_json() if a is not None else attributes)
+    elif opts.vocab:
+        concepts = read_vocab_txt(opts.vocab).to_json()
+    if concepts is None:
+        raise VlmixerError("the detector does not name its classes; pass --labelmap LABELMAP.json or --vocab FILE")
+    if len(concepts) != info["num_classes"]:
+        raise VlmixerError(f"vocabulary has {len(concepts)} concepts but the detector {info['num_classes']} classes")
+    if attributes is not None and info.get("num_attributes") and len(attributes) != info["num_attributes"]:
+        raise VlmixerError(f"attribute vocabulary has {len(attributes)} entries, the detector "
+                           f"{info['num_attributes']} attributes")
+    return concepts, attributes
+
+
+def _provenance(opts: BuildOptions, info: dict[str, Any]) -> dict[str, Any]:
+    from storage.files import sha256_file
+
+    keep = ("images", "image_root", "shard_size", "batch_size", "seed", "strict_modes", "max_pixels")
+    build = {k: getattr(opts, k) for k in keep}
+    build["images"] = str(Path(opts.images).resolve())
+    if opts.labelmap:
+        build["labelmap_sha256"] = sha256_file(opts.labelmap)
+    return {"detector": info.get("provenance", {}), "detector_config": str(Path(opts.detector).resolve()),
+            "build": build}
+
+
+# -- progress ---------------------------------------------------------------------
+
+
+class Progress:
+    """images/s, patches, failures and ETA: a tqdm bar on a terminal, else a line every 30 s."""
+
+    def __init__(self, total: int, enabled: bool | None, log_every: float = 30.0) -> None:
+        self.total, self.images, self.patches, self.failures = total, 0, 0, 0
+        self.t0 = time.perf_counter()
+        self._last_log = self.t0
+        self._log_every = log_every
+        tty = sys.stderr.isatty()
+        self.enabled = tty if enabled is None else enabled
+        self.bar = None
+        if self.enabled and tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="img", mininterval=0.5, dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, s: dict[str, Any]) -> None:
+        self.images += s["keys"]
+        self.patches += s["patches"]
+        self.failures += s["failures"]
+        if self.bar is not None:
+            self.bar.update(s["keys"])
+            self.bar.set_postfix(patches=self.patches, failed=self.failures, refresh=False)
+        elif self.enabled:
+            now = time.perf_counter()
+            if now - self._last_log >= self._log_every:
+                self._last_log = now
+                print(self.line(), file=sys.stderr, flush=True)
+
+    def line(self) -> str:
+        dt = time.perf_counter() - self.t0
+        rate = self.images / dt if dt > 0 else 0.0
+        eta = (self.total - self.images) / rate if rate > 0 else float("inf")
+        return (f"[gallery] {self.images}/{self.total} images, {rate:.1f} img/s, {self.patches} patches, "
+                f"{self.failures} failed, ETA {eta:.0f} s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# -- the build ----------------------------------------------------------------------
+
+
+def build_gallery(opts: BuildOptions) -> BuildReport:
+    """Plan, run the shards still to do, finalize; the CLI and the Python API are this function."""
+    from storage.gallery import finalize_gallery
+
+    validate(opts)
+    t0 = time.perf_counter()
+    out = Path(opts.out)
+    items = read_source(opts.images, image_root=opts.image_root)
+    committed, failures = _existing_state(out)
+    todo, skipped = plan(opts, items, committed, failures)
+    report = BuildReport(out=str(out), images_planned=len(items), shards_skipped=skipped,
+                         shards_planned=skipped + len(todo))
+    if todo:
+        n_todo = sum(len(s.items) for s in todo)
+        progress = Progress(n_todo, opts.progress)
+        try:
+            if opts.ray_address == "none":
+                _run_in_process(opts, todo, progress, report)
+            else:
+                _run_ray(opts, todo, progress, report)
+        finally:
+            progress.close()
+    manifest = finalize_gallery(out)
+    report.gallery_images, report.gallery_patches = manifest["images"], manifest["patches"]
+    report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in _failures(out)]
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _record(report: BuildReport, stats: dict[str, Any]) -> None:
+    report.shards_done += 1
+    report.images_done += int(stats.get("images", 0)) + int(stats.get("failures", 0))
+    report.patches_done += int(stats.get("patches", 0))
+    report.failures_this_run += int(stats.get("failures", 0))
+    report.converted.update(stats.get("converted", {}))
+
+
+def _extra(opts: BuildOptions, shard: Shard) -> dict[str, Any]:
+    return {"size": len(shard.items), "batch_size": opts.batch_size}
+
+
+def _run_in_process(opts: BuildOptions, todo: list[Shard], progress: Progress, report: BuildReport) -> None:
+    """The same callables as the Ray job, in a loop: for debugging and machines without Ray."""
+    runner = DetectorRunner(opts.detector, opts.weights, opts.device, factory=opts.detector_factory)
+    info = runner.info()
+    concepts, attributes = _vocabularies(opts, info)
+    committer = ShardCommitter(str(opts.out), info["feature_dim"], concepts, attributes, _provenance(opts, info))
+    pre = runner.preprocessor()
+    report.mode, report.workers = "in-process", 1
+    try:
+        for shard in todo:
+            pieces = []
+            for chunk in _batches(shard, opts.batch_size):
+                piece = runner.run(decode_batch(chunk, opts.policy(), pre))
+                progress.update(piece.summary())
+                pieces.append(piece)
+            _record(report, committer.commit(shard.shard_id, shard.keys_sha256, _extra(opts, shard), *pieces))
+    finally:
+        committer.close()
+
+
+# ---- Ray ----
+
+
+def _connect_ray(opts: BuildOptions) -> bool:
+    """Join or start Ray; True when this call started it (and must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    if opts.ray_address == "local":
+        ray.init(num_cpus=opts.num_cpus, **kw)
+    else:
+        try:
+            ray.init(address=opts.ray_address, **kw)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise VlmixerError(f"cannot connect to Ray at {opts.ray_address!r} ({e}); "
+                               "use --ray-address local to start one here") from None
+    return True
+
+
+def _worker_plan(opts: BuildOptions, resources: dict[str, float]) -> tuple[int, dict[str, Any], int]:
+    """(number of detector actors, their Ray options, torch threads each)."""
+    gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
+    gpw = opts.num_gpus_per_worker
+    if gpw > 0 and gpus >= gpw:
+        return int(gpus // gpw), {"num_gpus": gpw, "num_cpus": 1}, 0
+    n = opts.cpu_workers or max(1, int(cpus // 4))
+    threads = max(1, int(cpus // (2 * n)))  # leave about half of the CPUs to decoding
+    return n, {"num_cpus": threads}, threads
+
+
+class _RayDetector(DetectorRunner):
+    """A `DetectorRunner` that takes its GPU from Ray; without CUDA it falls back to the CPU."""
+
+    def __init__(self, config: str, weights: str | None, threads: int, factory: Any = None) -> None:
+        import ray
+        import torch
+
+        gpu = bool(ray.get_gpu_ids())
+        if gpu and not torch.cuda.is_available():
+            print("[gallery] warning: Ray assigned a GPU to a detector worker but CUDA is not available; "
+                  "running on CPU", file=sys.stderr)
+        super().__init__(config, weights, "cuda" if gpu and torch.cuda.is_available() else "cpu",
+                         num_threads=threads or None, factory=factory)
+
+
+@dataclass
+class _OpenShard:
+    shard: Shard
+    slots: list[list[Any]]  # per batch: the piece refs (more than one after a crash split)
+    remaining: int
+
+
+def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: BuildReport) -> None:
+    import ray
+    from ray.exceptions import RayError, RayTaskError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    started = _connect_ray(opts)
+    actors: list[Any] = []
+    writer = None
+    try:
+        n_actors, actor_opts, threads = _worker_plan(opts, ray.cluster_resources())
+        det_cls = ray.remote(_RayDetector).options(max_restarts=2, max_task_retries=2, **actor_opts)
+        actors = [det_cls.remote(opts.detector, opts.weights, threads, opts.detector_factory)
+                  for _ in range(n_actors)]
+        info = _get(actors[0].info.remote())
+        concepts, attributes = _vocabularies(opts, info)
+        here = ray.get_runtime_context().get_node_id()
+        writer = ray.remote(ShardCommitter).options(
+            num_cpus=0, max_restarts=1, max_task_retries=1,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+        ).remote(str(Path(opts.out).resolve()), info["feature_dim"], concepts, attributes,
+                 _provenance(opts, info))
+        pre = ray.get(actors[0].preprocessor.remote())
+        decode = ray.remote(decode_batch).options(num_cpus=1, max_retries=2)
+        report.mode, report.workers = f"ray {opts.ray_address}", n_actors
+        window = opts.max_inflight_batches or 2 * n_actors + 2
+        max_open = n_actors + 2
+        policy = opts.policy()
+        pre_ref = ray.put(pre)
+
+        batches: Iterator[tuple[int, int, tuple[ImageItem, ...]]] = (
+            (si, bi, chunk) for si, s in enumerate(todo) for bi, chunk in enumerate(_batches(s, opts.batch_size)))
+        retry: deque[tuple[int, int, int, tuple[ImageItem, ...]]] = deque()
+        open_shards: dict[int, _OpenShard] = {}
+        inflight: dict[Any, tuple[int, int, int, tuple[ImageItem, ...], int]] = {}
+        load = [0] * n_actors
+        commits: dict[Any, int] = {}
+        exhausted = False
+
+        def submit(si: int, bi: int, sub: int, chunk: tuple[ImageItem, ...]) -> None:
+            a = min(range(n_actors), key=lambda i: load[i])
+            load[a] += 1
+            d = decode.remote(chunk, policy, pre_ref)
+            piece, summary = actors[a].run_with_summary.options(num_returns=2).remote(d)
+            open_shards[si].slots[bi][sub] = piece
+            inflight[summary] = (si, bi, sub, chunk, a)
+
+        while True:
+            while len(inflight) < window:
+                if retry:
+                    submit(*retry.popleft())
+                    continue
+                if exhausted:
+                    break
+                nxt = next(batches, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                si, bi, chunk = nxt
+                if si not in open_shards:
+                    if len(open_shards) + len(commits) >= max_open:  # bound what waits for a commit
+                        batches = _prepend(nxt, batches)
+                        break
+                    n_b = len(_batches(todo[si], opts.batch_size))
+                    open_shards[si] = _OpenShard(todo[si], [[None] for _ in range(n_b)], n_b)
+                submit(si, bi, 0, chunk)
+            if not inflight and not commits and exhausted and not retry:
+                break
+            ready, _ = ray.wait(list(inflight) + list(commits), num_returns=1, timeout=1.0)
+            for ref in ready:
+                if ref in commits:
+                    commits.pop(ref)
+                    _record(report, _get(ref))
+                    continue
+                si, bi, sub, chunk, a = inflight.pop(ref)
+                load[a] -= 1
+                st = open_shards[si]
+                try:
+                    summary = ray.get(ref)
+                except RayTaskError as e:
+                    raise _cause(e) from None
+                except RayError as e:  # a crashed worker: isolate the image that did it
+                    if len(chunk) > 1:
+                        st.slots[bi][sub: sub + 1] = [None] * len(chunk)
+                        st.remaining += len(chunk) - 1
+                        for k, one in enumerate(chunk):
+                            retry.append((si, bi, sub + k, (one,)))
+                        continue
+                    piece = failure_piece(chunk, f"worker crashed ({type(e).__name__})")
+                    st.slots[bi][sub] = ray.put(piece)
+                    summary = piece.summary()
+                progress.update(summary)
+                st.remaining -= 1
+                if st.remaining == 0:
+                    refs = [r for slot in st.slots for r in slot]
+                    s = st.shard
+                    commits[writer.commit.remote(s.shard_id, s.keys_sha256, _extra(opts, s), *refs)] = si
+                    del open_shards[si]
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if writer is not None:
+            try:
+                ray.get(writer.close.remote(), timeout=60)
+            except Exception:  # noqa: BLE001  closing is best effort; the commits are durable
+                pass
+            ray.kill(writer)
+        if started:
+            ray.shutdown()
+
+
+def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def _cause(e: Exception) -> BaseException:
+    """The user-facing error inside a Ray task error, when there is one."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, VlmixerError):
+        return cause
+    return e
+
+
+def _get(ref: Any) -> Any:
+    import ray
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(ref)
+    except RayTaskError as e:
+        raise _cause(e) from None
+
+
+__all__ = ["BuildOptions", "BuildReport", "EXIT_SOME_FAILED", "build_gallery", "plan", "validate",
+           "keys_digest", "BatchPiece"]
