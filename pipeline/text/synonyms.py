@@ -8,7 +8,9 @@ kept only when
     mostly uses otherwise),
   - the sense it was reached through is its own most frequent noun sense (so
     "frank" never becomes "dog" and "pawl" never "dog"),
-  - it is a plain word or phrase (letters, spaces, hyphens, apostrophes).
+  - it is a plain lower-case word or phrase in WordNet (letters, spaces, hyphens,
+    apostrophes): capitalised lemma names are proper or taxonomic names
+    ("Psittacus erithacus", "Newfoundland") and are left out.
 A word reached from several concepts goes to the nearest (fewest hyponym
 steps), then to the earlier concept in the vocabulary. Concept names and
 variants always win over synonyms (the mapping's priority order), so "puppy"
@@ -32,12 +34,13 @@ RULES_VERSION = 1
 DEPTH = 2
 # Reached through a visual sense, but in running text mostly something else.
 STOP_WORDS = frozenset({
-    "article", "attack", "base", "case", "cell", "check", "club", "count", "cover", "date", "die", "drive",
-    "fan", "figure", "file", "fix", "game", "guy", "issue", "jack", "kid", "lead", "line", "list", "lot",
-    "mark", "match", "model", "note", "number", "order", "organ", "party", "pass", "patient", "piece",
-    "pitch", "place", "plant", "point", "post", "power", "present", "press", "program", "record", "round",
-    "rule", "run", "safe", "scale", "seal", "set", "space", "spring", "square", "staff", "stage", "star",
-    "state", "step", "stock", "story", "suit", "support", "term", "track", "type", "unit", "wave", "will",
+    "article", "attack", "base", "case", "cell", "check", "club", "count", "cover", "date", "destination",
+    "die", "drive", "fan", "figure", "file", "fix", "game", "guy", "issue", "jack", "kid", "lead", "line",
+    "list", "lot", "mark", "match", "model", "note", "number", "order", "organ", "party", "pass", "patient",
+    "piece", "pitch", "place", "plant", "point", "post", "power", "present", "press", "program", "record",
+    "round", "rule", "run", "safe", "scale", "seal", "set", "space", "spring", "square", "staff", "stage",
+    "star", "state", "step", "still", "stock", "story", "suit", "support", "term", "track", "type", "unit",
+    "wave", "will",
 })
 _PLAIN = re.compile(r"^[a-z][a-z' -]*[a-z]$")
 
@@ -90,7 +93,7 @@ def wordnet_synonyms(concepts: Vocabulary, *, depth: int = DEPTH) -> list[Mappin
                 nxt = []
                 for syn in frontier:
                     for lemma in syn.lemma_names():
-                        word = lemma.replace("_", " ").lower()
+                        word = lemma.replace("_", " ")
                         if word in STOP_WORDS or not _PLAIN.match(word) or most_frequent(word) != syn:
                             continue
                         cand = (d, ci, syn.name())

@@ -45,7 +45,7 @@ class WordPieceTokenizer:
     name: str
     source: str
     vocab_file: Path
-    spec: str
+    spec: str = field(repr=False)
     _backend: Any = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
