@@ -229,13 +229,16 @@ def gallery_contents(root: Path) -> dict[str, dict]:
             "attrs": [(p.attr_ids.tolist(), p.attr_scores.tolist()) for p in patches],
         }
     fails = {f["key"]: f["reason"] for f in r.failures()}
+    counts = (r.num_images, r.num_patches)
     r.close()
-    return {"images": out, "failures": fails}
+    return {"images": out, "failures": fails, "counts": counts}
 
 
 def assert_same_gallery(a: Path, b: Path, exact: bool = True) -> None:
     """Same images, same failures, and per image the same patches in the same order."""
     ca, cb = gallery_contents(a), gallery_contents(b)
+    assert ca["counts"] == cb["counts"]  # no duplicated image or patch hides behind the dict below
+    assert ca["counts"][0] == len(ca["images"]) and cb["counts"][0] == len(cb["images"])
     assert ca["failures"] == cb["failures"]
     assert sorted(ca["images"]) == sorted(cb["images"])
     for key, x in ca["images"].items():

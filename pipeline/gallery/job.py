@@ -163,6 +163,7 @@ def _failures(out: Path) -> list[dict[str, str]]:
     import msgpack
 
     from storage.gallery_writer import list_parts, open_part_readonly
+    from storage.lmdb_env import release_env
 
     rows = []
     for p in list_parts(out):
@@ -173,7 +174,7 @@ def _failures(out: Path) -> list[dict[str, str]]:
                 for k, v in txn.cursor():
                     rows.append({"key": bytes(k).decode(), **msgpack.unpackb(bytes(v)), "part": p.name})
         finally:
-            env.close()
+            release_env(env)
     return sorted(rows, key=lambda r: r["key"])
 
 
@@ -404,6 +405,7 @@ class _RayDetector(DetectorRunner):
                   "running on CPU", file=sys.stderr)
         super().__init__(config, weights, "cuda" if gpu and torch.cuda.is_available() else "cpu",
                          num_threads=threads or None, factory=factory)
+        self.worker += f":node={ray.get_runtime_context().get_node_id()[:12]}"
 
 
 @dataclass

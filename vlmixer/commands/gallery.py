@@ -9,8 +9,6 @@ import argparse
 
 from vlmixer.cli import CommandTree
 
-GROUP_HELP = "build and inspect patch galleries"
-
 
 def _build(a: argparse.Namespace) -> int:
     from pipeline.gallery.job import BuildOptions, build_gallery
@@ -48,7 +46,7 @@ def _finalize(a: argparse.Namespace) -> int:
 
 def register(tree: CommandTree) -> None:
     p = tree.subcommand(
-        "gallery", "build", _build, group_help=GROUP_HELP,
+        "gallery", "build", _build,
         help="detect regions in an image collection and write an LMDB patch gallery (Ray, resumable)",
         example="vlmixer gallery build --images coco/val2014 --detector configs/detector/tiny.yaml "
                 "--labelmap labelmap.json --out gallery --ray-address local")
@@ -85,7 +83,7 @@ def register(tree: CommandTree) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
     s = tree.subcommand(
-        "gallery", "show", _show, group_help=GROUP_HELP,
+        "gallery", "show", _show,
         help="draw a grid of one concept's patches, cropped from their source images, with confidences",
         example="vlmixer gallery show gallery dog --out dog.png")
     s.add_argument("gallery", help="gallery directory")
@@ -97,7 +95,7 @@ def register(tree: CommandTree) -> None:
     s.add_argument("--image-root", metavar="DIR", help="look source images up here when their stored path moved")
 
     f = tree.subcommand(
-        "gallery", "finalize", _finalize, group_help=GROUP_HELP,
+        "gallery", "finalize", _finalize,
         help="rebuild a gallery's concept index and manifest from its committed shards",
         example="vlmixer gallery finalize gallery")
     f.add_argument("gallery", help="gallery directory")
