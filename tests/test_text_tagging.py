@@ -328,3 +328,19 @@ def test_cli_tag_show_dump_concepts_vocab(tmp_path, capsys, nlp):
 def test_mark_sentence():
     assert mark_sentence("a dog and a cat", [(2, 5, "dog"), (12, 15, "cat")]) == "a [dog|dog] and a [cat|cat]"
     assert mark_sentence("nothing", []) == "nothing"
+
+
+def test_concepts_from_a_gallery(tmp_path, nlp, tokenizer):
+    """`--concepts GALLERY` tags with the gallery's own vocabulary (variants included)."""
+    try:
+        from conftest import TINY_CONCEPTS, build_gallery, synthetic_images
+    except ImportError:
+        pytest.skip("gallery test helpers not available")
+    from pipeline.text.resolve import load_concepts
+
+    gallery = build_gallery(tmp_path / "gallery", {0: synthetic_images(0, 3, 32)})
+    concepts = load_concepts(gallery)
+    assert concepts.sha256 == TINY_CONCEPTS.sha256
+    store, _ = _tag(tmp_path, nlp, tokenizer, ["A kitty sits near the traffic lights."], concepts=concepts)
+    assert _grounded(store) == [[("kitty", "cat"), ("traffic lights", "traffic light")]]
+    assert TextStoreReader(store, expect_concepts_sha256=concepts.sha256).concepts == concepts
