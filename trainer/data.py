@@ -28,7 +28,7 @@ import torch
 
 from storage.gallery import GalleryReader
 from storage.textstore import TextStoreReader
-from trainer.cmc import CrossModalCutMix, MixResult, sample_rng
+from trainer.cmc import CrossModalCutMix, MixResult, SampleRandom
 from trainer.masking import IGNORE, MaskSpec, mask_tokens
 from vlmixer.errors import ConfigError, VlmixerError
 
@@ -209,13 +209,14 @@ class ValpDataset(torch.utils.data.Dataset):
                  max_len: int, seed: int) -> None:
         self.corpus, self.cmc, self.vocab, self.mask = corpus, cmc, vocab, mask
         self.max_len, self.seed = max_len, seed
+        self._rand = SampleRandom(seed, VALP_SALT)
 
     def __len__(self) -> int:
         return len(self.corpus)
 
     def mixed(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, MixResult, np.random.Generator]:
         """Truncated tokens, their clean spans and the CMC outcome (for `mix show` and tests)."""
-        rng = sample_rng(self.seed, VALP_SALT, epoch, index)
+        rng = self._rand.for_sample(epoch, index)  # valid until the next sample
         tokens, spans = self.corpus.get(index)
         tokens = tokens[: self.max_len - 2]
         spans = clean_spans(spans, len(tokens))
@@ -252,13 +253,14 @@ class TavpDataset(torch.utils.data.Dataset):
         self.tag_pieces = list(tag_pieces)
         self.vocab, self.mask, self.patch_mask_prob = vocab, mask, patch_mask_prob
         self.max_len, self.max_tag_tokens, self.seed = max_len, max_tag_tokens, seed
+        self._rand = SampleRandom(seed, TAVP_SALT)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def __getitem__(self, key: tuple[int, int]) -> list[Row]:
         epoch, index = key
-        rng = sample_rng(self.seed, TAVP_SALT, epoch, index)
+        rng = self._rand.for_sample(epoch, index)
         g = int(np.searchsorted(self.offsets, index, side="right")) - 1
         gal = self.galleries[g]
         img = index - int(self.offsets[g])

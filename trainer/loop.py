@@ -223,7 +223,7 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
                                           if n != "loss" and v.numel() == 1)
                         raise TrainingDiverged(
                             f"training stopped at step {step}: the {task} loss is not finite on some process "
-                            f"(this one: loss={float(res['loss']):.4g}, {terms}). Last checkpoint: "
+                            f"(this one: loss={float(res['loss'].detach()):.4g}, {terms}). Last checkpoint: "
                             f"{last_ckpt or 'none'}. Lower optim.lr or raise optim.warmup_steps, and check "
                             "the stores with `vlmixer verify`.")
                     (res["loss"] / op.grad_accum).backward()
