@@ -53,10 +53,9 @@ def add_vlmixer_config(cfg: Any) -> None:
     # At least this many boxes per image (when the image has that many proposals
     # with a surviving class).
     cfg.VLMIXER.SELECTION.MIN_DETECTIONS = 10
-    # Pair threshold of the sparse exact strategy (see selection.py); 0 = dense only.
+    # First-pass pair threshold of the exact two-pass selection (see selection.py);
+    # speed only, never the result. 0 = all pairs in one pass.
     cfg.VLMIXER.SELECTION.PREFILTER = 0.01
-    # Most (box, class) pairs one sparse NMS call takes before the dense strategy is used.
-    cfg.VLMIXER.SELECTION.MAX_PAIRS = 32768
 
     # Attribute head: class embedding (num_classes + 1 -> CLS_EMBED_DIM)
     # concatenated with the pooled feature -> fc HIDDEN_DIM -> ReLU ->

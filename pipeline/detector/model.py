@@ -307,7 +307,6 @@ class VLMixerRes5ROIHeads(Res5ROIHeads):
             "min_boxes": int(cfg.VLMIXER.SELECTION.MIN_DETECTIONS),
             "max_boxes": int(cfg.TEST.DETECTIONS_PER_IMAGE),
             "prefilter": float(cfg.VLMIXER.SELECTION.PREFILTER),
-            "max_pairs": int(cfg.VLMIXER.SELECTION.MAX_PAIRS),
         }
         ret["attr_thresh"] = float(att.SCORE_THRESH)
         ret["attr_max"] = int(att.MAX_PER_BOX)

@@ -12,26 +12,28 @@ by the VinVL extraction with `TEST.IGNORE_BOX_REGRESSION True`) does, per image:
    `min_boxes` and at most `max_boxes`.
 
 Step 1 is a Python loop over 1594 classes in the reference, the bottleneck
-earlier extractors report. Here it has no loop over classes, with two exact
-strategies:
+earlier extractors report. Here (`class_nms`) the per-class greedy NMS of
+every class of every image in the batch runs at once: the loop goes over
+score ranks, each (image, class) row keeps its suppressed boxes as a bitset,
+and the box-box overlap matrix is computed once per image (the boxes are the
+same for every class). Two passes keep it cheap and exact:
 
-* sparse: only (box, class) pairs with score >= t (t <= the score threshold)
-  can decide a box whose result is >= t, because a box is only ever
-  suppressed by higher-scored boxes of its class. Those pairs go through ONE
-  `torchvision.ops.nms` call for the whole batch, each (image, class) group
-  shifted to its own coordinate range (the coordinate trick of
-  `torchvision.ops.batched_nms`, done here in float64 so shifted coordinates
-  keep their precision; `batched_nms` itself switches to a Python loop over
-  classes above 4,000 boxes on CPU). The result is exact whenever at least
-  `min_boxes` boxes end with a score >= t, which is checked;
-* dense (fallback, and for near-uniform scores such as random weights):
-  greedy NMS of all classes at once, iterating over score *ranks* (one step
-  per proposal, each step a (classes x proposals) tensor operation) with the
-  proposal-proposal IoU matrix computed once.
+* first only (box, class) pairs with score >= t (t <= the score threshold)
+  take part: a box is only ever suppressed by higher-scored boxes of its
+  class, so their keep flags are exact, and every box found has its exact
+  score; for a trained detector (peaked class scores) that is a few pairs
+  per class;
+* an image where fewer than `min_boxes` boxes were found (so the minimum
+  would need boxes below t) is redone with all pairs (near-uniform scores,
+  e.g. random weights).
 
-`legacy=True` uses the maskrcnn-benchmark +1 convention in IoU
-(w = x2 - x1 + 1): for torchvision's NMS that is the IoU of boxes with x2, y2
-shifted by +1, so it is exact, not approximate.
+Why not `torchvision.ops.batched_nms`: above 4,000 box coordinates on CPU
+(20,000 on CUDA) it runs a Python loop over the classes, and its single-call
+path is quadratic in the number of (box, class) pairs (478,200 for 300
+proposals x 1594 classes); here NMS on the proposals is computed once.
+
+`legacy=True` uses the maskrcnn-benchmark +1 convention in the IoU
+(w = x2 - x1 + 1).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import nms as tv_nms
+import torch.nn.functional as F
 
 
 @dataclass
@@ -63,62 +65,96 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor, legacy: bool) -> torch.Tensor
     return inter / (area_a[:, None] + area_b[None, :] - inter)
 
 
-def dense_class_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, legacy: bool) -> torch.Tensor:
-    """Greedy NMS of every class column of `scores` (N, C) over the same N boxes at once.
+_BITS = 32
 
-    Returns keep (N, C) bool, identical to running greedy NMS per class. The
-    loop runs over the N score ranks, never over the C classes.
+
+def _pack_overlaps(boxes: torch.Tensor, iou_thresh: float, legacy: bool, words: int) -> torch.Tensor:
+    """(N, words) int64: bit k of word w is set when box 32w+k overlaps the row's box (> iou)."""
+    n = boxes.shape[0]
+    overlap = pairwise_iou(boxes, boxes, legacy) > iou_thresh  # diagonal True
+    overlap = F.pad(overlap, (0, words * _BITS - n)).view(n, words, _BITS).long()
+    weights = torch.ones(_BITS, dtype=torch.long, device=boxes.device) << torch.arange(_BITS, device=boxes.device)
+    return (overlap * weights).sum(-1)
+
+
+def class_nms(boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], iou_thresh: float, legacy: bool,
+              min_score: float | None = None) -> list[torch.Tensor]:
+    """Greedy NMS of every class column of every image at once, over that image's boxes.
+
+    `scores[i]` is (N_i, C). Only (box, class) pairs with score >= `min_score`
+    take part (all pairs when None); their keep flags are exactly those of
+    per-class greedy NMS over all boxes, because a box is only ever suppressed
+    by higher-scored boxes of its class. Returns per image (N_i, C) bool keep
+    flags (False for pairs that did not take part).
+
+    The loop runs over score ranks (at most the largest number of pairs of one
+    class), never over classes or images; each (image, class) row keeps its
+    suppressed boxes as a bitset (32 boxes per int64 word), so a step touches
+    rows x N/32 words.
     """
-    n, c = scores.shape
-    keep = torch.zeros((c, n), dtype=torch.bool, device=scores.device)
-    if n == 0 or c == 0:
-        return keep.t()
-    overlap = pairwise_iou(boxes, boxes, legacy) > iou_thresh  # (N, N)
-    order = torch.argsort(scores.t(), dim=1, descending=True, stable=True)  # (C, N) box at each rank
-    suppressed = torch.zeros((c, n), dtype=torch.bool, device=scores.device)
-    for r in range(n):
-        b = order[:, r : r + 1]  # (C, 1)
-        alive = ~suppressed.gather(1, b)  # (C, 1)
-        keep.scatter_(1, b, alive)
-        suppressed |= alive & overlap[b[:, 0]]
-    return keep.t()
-
-
-def _sparse_class_nms(
-    boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], t: float, iou_thresh: float, legacy: bool
-) -> list[torch.Tensor]:
-    """Per-class NMS of the pairs with score >= t of all images in one NMS call.
-
-    Returns, per image, the (N, C) matrix of surviving scores (0 elsewhere).
-    """
-    device = scores[0].device
-    c = scores[0].shape[1]
-    all_boxes, all_scores, groups, owners = [], [], [], []
-    for i, (bx, sc) in enumerate(zip(boxes, scores)):
-        box_idx, cls_idx = torch.nonzero(sc >= t, as_tuple=True)
-        all_boxes.append(bx[box_idx].double())
-        all_scores.append(sc[box_idx, cls_idx])
-        groups.append(cls_idx + i * c)
-        owners.append(torch.stack([box_idx, cls_idx]))
-    cat_boxes = torch.cat(all_boxes)
-    out = [torch.zeros_like(sc) for sc in scores]
-    if cat_boxes.numel() == 0:
+    device = scores[0].device if scores else torch.device("cpu")
+    out = [torch.zeros(sc.shape, dtype=torch.bool, device=sc.device) for sc in scores]
+    n_max = max((int(b.shape[0]) for b in boxes), default=0)
+    if n_max == 0:
         return out
-    if legacy:
-        cat_boxes = cat_boxes + torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=cat_boxes.dtype, device=device)
-    span = cat_boxes.max() - cat_boxes.min() + 2.0
-    offsets = torch.cat(groups).to(cat_boxes.dtype) * span
-    kept = tv_nms(cat_boxes + offsets[:, None], torch.cat(all_scores).double(), iou_thresh)
-    flags = torch.zeros(cat_boxes.shape[0], dtype=torch.bool, device=device)
-    flags[kept] = True
+    words = (n_max + _BITS - 1) // _BITS
+    packed, orders, counts, rows_img, rows_cls, offsets = [], [], [], [], [], []
     start = 0
-    for i, own in enumerate(owners):
-        m = own.shape[1]
-        f = flags[start : start + m]
-        sc = scores[i]
-        out[i][own[0][f], own[1][f]] = sc[own[0][f], own[1][f]]
-        start += m
+    for i, (bx, sc) in enumerate(zip(boxes, scores)):
+        n = int(bx.shape[0])
+        if n == 0:
+            continue
+        packed.append(_pack_overlaps(bx, iou_thresh, legacy, words))
+        if min_score is None:
+            cls = torch.arange(sc.shape[1], device=device)
+            order = torch.argsort(sc.t(), dim=1, descending=True, stable=True)  # (C, n) box at each rank
+            count = torch.full((sc.shape[1],), n, dtype=torch.long, device=device)
+        else:
+            mask = sc >= min_score
+            count = mask.sum(dim=0)
+            cls = torch.nonzero(count, as_tuple=True)[0]
+            count = count[cls]
+            k = int(count.max()) if cls.numel() else 0
+            order = sc[:, cls].t().topk(k, dim=1, sorted=True).indices  # only the ranks that take part
+        orders.append(order)
+        counts.append(count)
+        rows_img.append(torch.full_like(cls, i))
+        rows_cls.append(cls)
+        offsets.append(torch.full_like(cls, start))
+        start += n
+    if not orders:
+        return out
+    r_max = max(int(o.shape[1]) for o in orders)
+    order = torch.cat([F.pad(o, (0, r_max - o.shape[1])) for o in orders])  # (rows, R) local box indices
+    count = torch.cat(counts)
+    if order.shape[0] == 0 or r_max == 0:
+        return out
+    valid = torch.arange(r_max, device=device)[None, :] < count[:, None]
+    packed_all = torch.cat(packed)
+    order_t = order.t().contiguous()  # (R, rows)
+    global_t = order_t + torch.cat(offsets)[None, :]
+    word_t = (order_t // _BITS).unsqueeze(-1)
+    bit_t = (order_t % _BITS).unsqueeze(-1)
+    valid_t = valid.t().contiguous().unsqueeze(-1)
+    suppressed = torch.zeros((order.shape[0], words), dtype=torch.long, device=device)
+    keep_rank = torch.empty((r_max, order.shape[0]), dtype=torch.bool, device=device)
+    for r in range(r_max):
+        alive = (((suppressed.gather(1, word_t[r]) >> bit_t[r]) & 1) == 0) & valid_t[r]  # (rows, 1)
+        keep_rank[r] = alive[:, 0]
+        suppressed |= packed_all.index_select(0, global_t[r]) * alive
+    row_img, row_cls = torch.cat(rows_img), torch.cat(rows_cls)
+    r_idx, row = torch.nonzero(keep_rank, as_tuple=True)
+    img, cls, box = row_img[row], row_cls[row], order[row, r_idx]
+    for i in range(len(scores)):
+        sel = torch.nonzero(img == i, as_tuple=True)[0]
+        if sel.numel():
+            out[i][box[sel], cls[sel]] = True
     return out
+
+
+def dense_class_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, legacy: bool) -> torch.Tensor:
+    """Keep flags (N, C) of greedy NMS of every class column of `scores` over the same N boxes."""
+    return class_nms([boxes], [scores], iou_thresh, legacy)[0]
 
 
 def _finish(kept_scores: torch.Tensor, score_thresh: float, min_boxes: int, max_boxes: int) -> Selection:
@@ -142,38 +178,33 @@ def select_boxes(
     max_boxes: int = 100,
     legacy: bool = True,
     prefilter: float = 0.01,
-    max_pairs: int = 32768,
 ) -> list[Selection]:
     """NMS filter 1 for a batch: `boxes[i]` (N_i, 4) proposals, `scores[i]` (N_i, C) foreground
     class probabilities (background column removed). Returns one `Selection` per image.
 
-    `prefilter` is the pair threshold t of the sparse strategy (min(prefilter,
-    score_thresh) is used; 0 forces the dense strategy); `max_pairs` bounds the
-    pairs one sparse NMS call may take before the dense strategy is used.
-    The result does not depend on either: both strategies are exact.
+    The first pass takes the pairs with score >= t = min(prefilter, score_thresh);
+    images that need more are redone with all pairs (see the module docstring).
+    Both passes are exact, so the result does not depend on `prefilter`
+    (0 = all pairs at once).
     """
     if len(boxes) != len(scores):
         raise ValueError("select_boxes: boxes and scores differ in length")
-    if not boxes:
-        return []
-    t = min(prefilter, score_thresh)
-    need_dense = [True] * len(boxes)
     results: list[Selection | None] = [None] * len(boxes)
-    if t > 0:
-        n_pairs = [int((sc >= t).sum()) for sc in scores]
-        sparse_ids = [i for i, n in enumerate(n_pairs) if n > 0]
-        if sparse_ids and sum(n_pairs[i] for i in sparse_ids) <= max_pairs:
-            kept = _sparse_class_nms([boxes[i] for i in sparse_ids], [scores[i] for i in sparse_ids],
-                                     t, iou_thresh, legacy)
-            for i, ks in zip(sparse_ids, kept):
-                sel = _finish(ks, score_thresh, min_boxes, max_boxes)
-                # Every box found here has its exact score (>= t); boxes not found score < t.
-                # So the result is exact unless the minimum asks for boxes below t.
-                if int(sel.scores.numel()) >= min(min_boxes, scores[i].shape[0]):
-                    results[i] = sel
-                    need_dense[i] = False
-    for i, dense in enumerate(need_dense):
-        if dense:
-            keep = dense_class_nms(boxes[i], scores[i], iou_thresh, legacy)
+    todo = list(range(len(boxes)))
+    t = min(prefilter, score_thresh)
+    if t > 0 and todo:
+        keeps = class_nms(boxes, scores, iou_thresh, legacy, min_score=t)
+        redo = []
+        for i, keep in zip(todo, keeps):
+            sel = _finish(scores[i] * keep, score_thresh, min_boxes, max_boxes)
+            # boxes found here have their exact score (>= t); boxes not found score < t
+            if sel.indices.numel() >= min(min_boxes, int(scores[i].shape[0])):
+                results[i] = sel
+            else:
+                redo.append(i)
+        todo = redo
+    if todo:
+        keeps = class_nms([boxes[i] for i in todo], [scores[i] for i in todo], iou_thresh, legacy)
+        for i, keep in zip(todo, keeps):
             results[i] = _finish(scores[i] * keep, score_thresh, min_boxes, max_boxes)
     return [r for r in results if r is not None]
