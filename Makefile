@@ -1,0 +1,17 @@
+# The two set-up commands of README.md. Each creates .venv if missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_OUT ?= demo_out
+
+.PHONY: install demo test lint
+install:
+	VENV=$(VENV) bash scripts/install.sh
+
+demo: install
+	$(VENV)/bin/vlmixer demo --out $(DEMO_OUT)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install lint
+	$(PY) -m pytest -q tests

@@ -1,0 +1,1 @@
+"""Batch jobs: detector, gallery build, text tagging, Ray orchestration."""

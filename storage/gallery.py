@@ -1,0 +1,396 @@
+"""Reading a finished patch gallery, and finishing one (`finalize_gallery`).
+
+Patch ids are global: the parts in name order, each part's patches in the
+order it committed them; an image's patches are contiguous and sorted by
+confidence, so a threshold or a cap is a prefix. The reader opens nothing
+until first use and reopens after a fork, so one reader object can be handed
+to a DataLoader and every worker gets its own LMDB handles (readonly,
+lock=False, readahead=False). Per-patch scalars and the indexes the trainer
+samples from are memory-mapped `.npy` files: many workers share them through
+the page cache and nothing loads all features.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgpack
+import numpy as np
+
+from storage import gallery_format as fmt
+from storage.files import atomic_write_json
+from storage.gallery_writer import check_format, list_parts, open_part_readonly
+from storage.lmdb_env import release_env
+from storage.vocab import Vocabulary
+from vlmixer.errors import StoreError
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    index: int
+    key: str
+    path: str
+    width: int
+    height: int
+    patch_start: int
+    patch_count: int
+
+
+@dataclass(frozen=True)
+class Patch:
+    id: int
+    feature: np.ndarray  # (D,) float16
+    box: np.ndarray  # (4,) float32 x1,y1,x2,y2 pixels
+    width: int
+    height: int
+    concept: int
+    confidence: float
+    attr_ids: np.ndarray  # (k,) int, only the valid ones
+    attr_scores: np.ndarray  # (k,) float32
+    image: int  # global image index
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.exists():
+        raise StoreError(f"{path}: missing {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{path}: corrupted {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{path}: corrupted {what} (not a json object)")
+    return data
+
+
+def unpack_record(data: bytes | memoryview, where: str) -> dict[str, Any]:
+    """Decode a msgpack record; anything else (pickle bytes included) is a StoreError, never executed."""
+    try:
+        out = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on foreign bytes
+        raise StoreError(f"{where}: record is not valid msgpack ({type(e).__name__}); store corrupted") from None
+    if not isinstance(out, dict):
+        raise StoreError(f"{where}: record is not a map; store corrupted")
+    return out
+
+
+def _part_records(env: lmdb.Environment) -> tuple[int, int]:
+    meta = env.open_db(b"meta", create=False)
+    with env.begin(db=meta) as txn:
+        return fmt.unpack_count(txn.get(b"n_images")), fmt.unpack_count(txn.get(b"n_patches"))
+
+
+def finalize_gallery(root: str | Path) -> dict[str, Any]:
+    """Build the concept index and contextual concepts, then write `manifest.json` last.
+
+    Runs after every shard is committed; streams each part's metadata blocks,
+    never its features. Re-running it rebuilds the same index.
+    """
+    root = Path(root)
+    header = _read_json(root / "gallery.json", "gallery header")
+    check_format(header, root / "gallery.json")
+    n_concepts = len(header["concepts"])
+    parts = list_parts(root)
+    part_info = []
+    img_off = patch_off = 0
+    n_failed = 0
+    for p in parts:
+        env = open_part_readonly(p)
+        try:
+            ni, np_ = _part_records(env)
+            with env.begin(db=env.open_db(b"failed", create=False)) as txn:
+                n_failed += txn.stat(env.open_db(b"failed", create=False))["entries"]
+            with env.begin(db=env.open_db(b"shard", create=False)) as txn:
+                n_shards = txn.stat(env.open_db(b"shard", create=False))["entries"]
+        finally:
+            release_env(env)
+        part_info.append({"name": p.name, "images": ni, "patches": np_, "shards": n_shards,
+                          "image_offset": img_off, "patch_offset": patch_off})
+        img_off += ni
+        patch_off += np_
+    n_images, n_patches = img_off, patch_off
+
+    tmp_index = root / "index.tmp"
+    if tmp_index.exists():
+        shutil.rmtree(tmp_index)
+    tmp_index.mkdir()
+
+    def mm(name: str, dtype: str, n: int) -> np.memmap:
+        return np.lib.format.open_memmap(tmp_index / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,))
+
+    p_concept = mm("patch_concept", "<i4", n_patches)
+    p_conf = mm("patch_conf", "<f4", n_patches)
+    p_image = mm("patch_image", "<i8", n_patches)
+    img_start = mm("image_patch_start", "<i8", n_images + 1)
+    for info, p in zip(part_info, parts):
+        env = open_part_readonly(p)
+        try:
+            pmeta = env.open_db(b"pmeta", create=False)
+            idb = env.open_db(b"image", create=False)
+            with env.begin(buffers=True) as txn:
+                for k, v in txn.cursor(db=pmeta):
+                    rec = np.frombuffer(v, dtype=fmt.PATCH_DTYPE)
+                    g = info["patch_offset"] + fmt.unkey(k) * fmt.BLOCK
+                    p_concept[g: g + len(rec)] = rec["concept"]
+                    p_conf[g: g + len(rec)] = rec["conf"]
+                    p_image[g: g + len(rec)] = rec["image"] + info["image_offset"]
+                for k, v in txn.cursor(db=idb):
+                    li = fmt.unkey(k)
+                    rec_ = unpack_record(v, f"{p} image {li}")
+                    img_start[info["image_offset"] + li] = info["patch_offset"] + rec_["start"]
+        finally:
+            release_env(env)
+    img_start[n_images] = n_patches
+    if n_patches and (p_concept.min() < 0 or p_concept.max() >= n_concepts):
+        raise StoreError(f"{root}: patch concept ids outside the vocabulary of {n_concepts} concepts")
+
+    # concept index: patches grouped by concept, confidence descending, then id
+    order = np.lexsort((np.arange(n_patches), -np.asarray(p_conf), np.asarray(p_concept)))
+    c_patches = mm("concept_patches", "<i8", n_patches)
+    c_confs = mm("concept_confs", "<f4", n_patches)
+    c_patches[:] = order
+    c_confs[:] = np.asarray(p_conf)[order]
+    c_off = mm("concept_offsets", "<i8", n_concepts + 1)
+    c_off[:] = np.searchsorted(np.asarray(p_concept)[order], np.arange(n_concepts + 1), side="left")
+
+    # contextual concepts per image: each detected concept once, with its best confidence
+    pair = np.lexsort((-np.asarray(p_conf), np.asarray(p_concept), np.asarray(p_image)))
+    im_s, co_s = np.asarray(p_image)[pair], np.asarray(p_concept)[pair]
+    first = np.ones(n_patches, dtype=bool)
+    if n_patches:
+        first[1:] = (im_s[1:] != im_s[:-1]) | (co_s[1:] != co_s[:-1])
+    sel = pair[first]
+    ctx_c = mm("image_ctx_concepts", "<i4", len(sel))
+    ctx_f = mm("image_ctx_confs", "<f4", len(sel))
+    ctx_c[:] = np.asarray(p_concept)[sel]
+    ctx_f[:] = np.asarray(p_conf)[sel]
+    ctx_off = mm("image_ctx_offsets", "<i8", n_images + 1)
+    ctx_off[:] = np.searchsorted(np.asarray(p_image)[sel], np.arange(n_images + 1), side="left")
+    for a in (p_concept, p_conf, p_image, img_start, c_patches, c_confs, c_off, ctx_c, ctx_f, ctx_off):
+        a.flush()
+    del p_concept, p_conf, p_image, img_start, c_patches, c_confs, c_off, ctx_c, ctx_f, ctx_off
+
+    manifest_path = root / "manifest.json"
+    if manifest_path.exists():
+        manifest_path.unlink()  # the old index is about to be replaced: no manifest meanwhile
+    index_dir = root / "index"
+    if index_dir.exists():
+        shutil.rmtree(index_dir)
+    os.replace(tmp_index, index_dir)
+    manifest = {
+        "format": fmt.FORMAT_NAME,
+        "version": fmt.FORMAT_VERSION,
+        "images": n_images,
+        "patches": n_patches,
+        "failed": n_failed,
+        "concepts": n_concepts,
+        "feature_dim": header["feature_dim"],
+        "concepts_sha256": header["concepts_sha256"],
+        "attributes_sha256": header["attributes_sha256"],
+        "parts": part_info,
+    }
+    atomic_write_json(manifest_path, manifest)
+    return manifest
+
+
+class GalleryReader:
+    """Random access to a finished gallery by patch id, image or concept. Fork-safe."""
+
+    def __init__(self, root: str | Path, *, expect_concepts_sha256: str | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise StoreError(f"{self.root}: gallery directory does not exist")
+        self.manifest = _read_json(self.root / "manifest.json", "gallery manifest (was the build finished?)")
+        check_format(self.manifest, self.root / "manifest.json")
+        self.header = _read_json(self.root / "gallery.json", "gallery header")
+        check_format(self.header, self.root / "gallery.json")
+        for k in ("images", "patches", "feature_dim", "parts", "concepts_sha256"):
+            if k not in self.manifest:
+                raise StoreError(f"{self.root / 'manifest.json'}: corrupted gallery manifest (no {k!r})")
+        if self.manifest["concepts_sha256"] != self.header["concepts_sha256"]:
+            raise StoreError(f"{self.root}: manifest and header disagree on the concept vocabulary")
+        self.concepts = Vocabulary.from_json(self.header["concepts"])
+        if self.concepts.sha256 != self.header["concepts_sha256"]:
+            raise StoreError(f"{self.root}/gallery.json: concept vocabulary does not match its sha256")
+        if expect_concepts_sha256 is not None and expect_concepts_sha256 != self.concepts.sha256:
+            raise StoreError(f"{self.root}: gallery concept vocabulary (sha256 {self.concepts.sha256[:12]}) "
+                             f"differs from the expected one ({expect_concepts_sha256[:12]}); tag the text "
+                             "with this gallery's vocabulary (`--concepts GALLERY`)")
+        attrs = self.header.get("attributes") or []
+        self.attributes = Vocabulary.from_json(attrs) if attrs else None
+        self.feature_dim = int(self.manifest["feature_dim"])
+        self.num_images = int(self.manifest["images"])
+        self.num_patches = int(self.manifest["patches"])
+        self._parts = self.manifest["parts"]
+        self._patch_offsets = np.array([p["patch_offset"] for p in self._parts] + [self.num_patches], np.int64)
+        self._image_offsets = np.array([p["image_offset"] for p in self._parts] + [self.num_images], np.int64)
+        self._pid = -1
+        self._state: dict[str, Any] = {}
+
+    # -- lazy, per-process handles -------------------------------------------------
+    def _open(self) -> dict[str, Any]:
+        if self._pid == os.getpid():
+            return self._state
+        state: dict[str, Any] = {"envs": [], "txns": [], "dbs": []}
+        for p in self._parts:
+            env = open_part_readonly(self.root / "parts" / p["name"])
+            dbs = {n: env.open_db(n, create=False) for n in fmt.SUBDBS}
+            state["envs"].append(env)
+            state["dbs"].append(dbs)
+            state["txns"].append(env.begin(buffers=True))
+        idx = self.root / "index"
+        for name in fmt.INDEX_FILES:
+            f = idx / f"{name}.npy"
+            if not f.exists():
+                raise StoreError(f"{f}: missing gallery index file; run `vlmixer gallery finalize`")
+            try:
+                state[name] = np.load(f, mmap_mode="r", allow_pickle=False)
+            except ValueError as e:
+                raise StoreError(f"{f}: unreadable index array ({e})") from None
+        self._state, self._pid = state, os.getpid()
+        return state
+
+    def __getstate__(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["_pid"], d["_state"] = -1, {}
+        return d
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for t in self._state["txns"]:
+                t.abort()
+            for e in self._state["envs"]:
+                release_env(e)
+        self._pid, self._state = -1, {}
+
+    def _locate(self, pid: int) -> tuple[int, int]:
+        if not 0 <= pid < self.num_patches:
+            raise IndexError(f"patch id {pid} out of range [0, {self.num_patches})")
+        part = int(np.searchsorted(self._patch_offsets, pid, side="right")) - 1
+        return part, pid - int(self._patch_offsets[part])
+
+    def _block(self, part: int, db: bytes, block: int) -> memoryview:
+        st = self._open()
+        v = st["txns"][part].get(fmt.ukey(block), db=st["dbs"][part][db])
+        if v is None:
+            raise StoreError(f"{self.root}: part {self._parts[part]['name']} has no {db.decode()} block {block}")
+        return v
+
+    # -- patches -------------------------------------------------------------------
+    def feature(self, pid: int) -> np.ndarray:
+        """The (D,) float16 feature of one patch (a copy)."""
+        part, local = self._locate(int(pid))
+        block, row = divmod(local, fmt.BLOCK)
+        D = self.feature_dim
+        buf = self._block(part, b"feat", block)
+        return np.frombuffer(buf, dtype=fmt.FEATURE_DTYPE, count=D, offset=row * D * 2).copy()
+
+    def features(self, pids: np.ndarray | list[int]) -> np.ndarray:
+        """(n, D) float16 features in the order of `pids`."""
+        pids = np.asarray(pids, dtype=np.int64).reshape(-1)
+        out = np.empty((len(pids), self.feature_dim), dtype=fmt.FEATURE_DTYPE)
+        for i, pid in enumerate(pids):
+            out[i] = self.feature(int(pid))
+        return out
+
+    def record(self, pid: int) -> np.void:
+        """The PATCH_DTYPE record of one patch (box, image size, concept, conf, attributes)."""
+        part, local = self._locate(int(pid))
+        block, row = divmod(local, fmt.BLOCK)
+        buf = self._block(part, b"pmeta", block)
+        return np.frombuffer(buf, dtype=fmt.PATCH_DTYPE, count=1, offset=row * fmt.PATCH_DTYPE.itemsize)[0].copy()
+
+    def patch(self, pid: int) -> Patch:
+        rec = self.record(pid)
+        valid = rec["attr_ids"] >= 0
+        return Patch(
+            id=int(pid), feature=self.feature(pid), box=rec["box"].astype(np.float32),
+            width=int(rec["width"]), height=int(rec["height"]), concept=int(rec["concept"]),
+            confidence=float(rec["conf"]), attr_ids=rec["attr_ids"][valid].astype(np.int64),
+            attr_scores=rec["attr_scores"][valid].astype(np.float32),
+            image=int(self._open()["patch_image"][pid]),
+        )
+
+    # -- images --------------------------------------------------------------------
+    def image(self, index: int) -> ImageRecord:
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"image index {index} out of range [0, {self.num_images})")
+        part = int(np.searchsorted(self._image_offsets, index, side="right")) - 1
+        local = index - int(self._image_offsets[part])
+        st = self._open()
+        v = st["txns"][part].get(fmt.ukey(local), db=st["dbs"][part][b"image"])
+        if v is None:
+            raise StoreError(f"{self.root}: image {index} missing from part {self._parts[part]['name']}")
+        d = unpack_record(v, f"{self.root} image {index}")
+        start = int(self._patch_offsets[part]) + d["start"]
+        return ImageRecord(index, d["key"], d["path"], d["width"], d["height"], start, d["count"])
+
+    def image_index(self, key: str) -> int:
+        st = self._open()
+        for part, (txn, dbs) in enumerate(zip(st["txns"], st["dbs"])):
+            v = txn.get(key.encode("utf-8"), db=dbs[b"imgkey"])
+            if v is not None:
+                return int(self._image_offsets[part]) + fmt.unkey(v)
+        raise KeyError(key)
+
+    def image_patches(self, index: int) -> range:
+        st = self._open()
+        s = st["image_patch_start"]
+        return range(int(s[index]), int(s[index + 1]))
+
+    # -- index ---------------------------------------------------------------------
+    def concept_patches(self, concept: int) -> tuple[np.ndarray, np.ndarray]:
+        """Patch ids of a concept and their confidences, confidence descending (memory-mapped)."""
+        st = self._open()
+        o = st["concept_offsets"]
+        if not 0 <= concept < len(o) - 1:
+            raise IndexError(f"concept id {concept} out of range [0, {len(o) - 1})")
+        a, b = int(o[concept]), int(o[concept + 1])
+        return st["concept_patches"][a:b], st["concept_confs"][a:b]
+
+    def concept_counts(self) -> np.ndarray:
+        return np.diff(np.asarray(self._open()["concept_offsets"]))
+
+    def image_context(self, image: int) -> tuple[np.ndarray, np.ndarray]:
+        """Concepts detected in an image (ascending) with their best confidence."""
+        st = self._open()
+        o = st["image_ctx_offsets"]
+        a, b = int(o[image]), int(o[image + 1])
+        return st["image_ctx_concepts"][a:b], st["image_ctx_confs"][a:b]
+
+    def context(self, pid: int) -> tuple[np.ndarray, np.ndarray]:
+        """A patch's contextual concepts: the other concepts of its source image, with confidences."""
+        st = self._open()
+        c, f = self.image_context(int(st["patch_image"][pid]))
+        keep = c != st["patch_concept"][pid]
+        return c[keep], f[keep]
+
+    def patch_arrays(self) -> dict[str, np.ndarray]:
+        """Memory-mapped per-patch and index arrays (see gallery_format.INDEX_FILES)."""
+        st = self._open()
+        return {name: st[name] for name in fmt.INDEX_FILES}
+
+    # -- failures and shards -------------------------------------------------------
+    def failures(self) -> list[dict[str, str]]:
+        """Images recorded as bad by the build (and not later added by a retry)."""
+        st = self._open()
+        out = []
+        for txn, dbs in zip(st["txns"], st["dbs"]):
+            for k, v in txn.cursor(db=dbs[b"failed"]):
+                out.append({"key": bytes(k).decode(), **unpack_record(v, f"{self.root} failure record")})
+        return sorted(out, key=lambda r: r["key"])
+
+    def shards(self) -> dict[str, dict[str, Any]]:
+        st = self._open()
+        out = {}
+        for txn, dbs in zip(st["txns"], st["dbs"]):
+            for k, v in txn.cursor(db=dbs[b"shard"]):
+                out[bytes(k).decode()] = unpack_record(v, f"{self.root} shard record")
+        return out
+
+    def __len__(self) -> int:
+        return self.num_patches

@@ -1,0 +1,84 @@
+"""The patch gallery's on-disk layout, in one place (see ARCHITECTURE.md).
+
+    GALLERY/
+      gallery.json            build header: format, version, feature dim, vocabularies, provenance
+      parts/part-NNNNN/       one LMDB environment per writer (data.mdb, lock.mdb)
+      index/*.npy             derived at finalize: per-patch concept/conf/image, concept index,
+                              per-image contextual concepts (memory-mapped by readers)
+      manifest.json           written last by finalize: counts and per-part offsets
+
+Inside a part (named sub-databases, keys big-endian u64 unless said):
+  meta    b"n_images", b"n_patches" -> u64 little-endian counters
+  feat    block b -> raw fp16 bytes of patches [b*BLOCK, (b+1)*BLOCK) of this part, row-major (n, D)
+  pmeta   block b -> PATCH_DTYPE records of the same patches
+  image   local image index -> msgpack {key, path, width, height, start, count, shard}
+  imgkey  utf-8 image key -> u64 local image index
+  shard   utf-8 shard id -> msgpack stats; the commit marker, written last in the shard's transaction
+  failed  utf-8 image key -> msgpack {path, reason, shard}
+
+Features are packed BLOCK to a value: one 2048-d fp16 patch per value would
+cost two 4 KiB pages (8,219 bytes measured); a 128-patch block wastes at most
+one page per 512 KiB, and a single patch is still one `get` plus a slice of
+the memory map.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+FORMAT_NAME = "vlmixer-gallery"
+FORMAT_VERSION = 1
+BLOCK = 128
+MAX_ATTRS = 16
+FEATURE_DTYPE = np.dtype("<f2")
+
+PATCH_DTYPE = np.dtype(
+    [
+        ("image", "<i8"),  # local image index within the part
+        ("box", "<f4", (4,)),  # x1, y1, x2, y2 in pixels of the original image
+        ("width", "<i4"),
+        ("height", "<i4"),
+        ("concept", "<i4"),  # 0-based id into the concept vocabulary
+        ("conf", "<f4"),
+        ("attr_ids", "<i2", (MAX_ATTRS,)),  # 0-based, -1 padded
+        ("attr_scores", "<f2", (MAX_ATTRS,)),
+    ]
+)
+
+SUBDBS = (b"meta", b"feat", b"pmeta", b"image", b"imgkey", b"shard", b"failed")
+INDEX_FILES = (
+    "patch_concept",  # (P,) int32
+    "patch_conf",  # (P,) float32
+    "patch_image",  # (P,) int64 global image index
+    "concept_offsets",  # (C+1,) int64 into concept_patches
+    "concept_patches",  # (P,) int64 patch ids grouped by concept, confidence descending
+    "concept_confs",  # (P,) float32 aligned with concept_patches
+    "image_patch_start",  # (I+1,) int64: patches of image i are [start[i], start[i+1])
+    "image_ctx_offsets",  # (I+1,) int64 into image_ctx_*
+    "image_ctx_concepts",  # concepts detected in the image, ascending
+    "image_ctx_confs",  # their maximal confidence in the image
+)
+
+_U64 = struct.Struct(">Q")
+_U64LE = struct.Struct("<Q")
+
+
+def ukey(i: int) -> bytes:
+    return _U64.pack(i)
+
+
+def unkey(b: bytes) -> int:
+    return _U64.unpack(bytes(b))[0]
+
+
+def pack_count(i: int) -> bytes:
+    return _U64LE.pack(i)
+
+
+def unpack_count(b: bytes | None) -> int:
+    return 0 if b is None else _U64LE.unpack(bytes(b))[0]
+
+
+def part_name(part: int) -> str:
+    return f"part-{part:05d}"

@@ -1,0 +1,1 @@
+"""vlmixer: command-line front door to the pipeline, trainer and storage packages."""

@@ -1,0 +1,5 @@
+import sys
+
+from vlmixer.cli import main
+
+sys.exit(main())
