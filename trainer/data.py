@@ -115,11 +115,11 @@ def clean_spans(spans: np.ndarray, n_tokens: int) -> np.ndarray:
     """Spans sorted by token start, inside the first `n_tokens`, non-overlapping (first wins)."""
     sp = np.asarray(spans, dtype=np.int64).reshape(-1, 5)
     sp = sp[(sp[:, 3] <= n_tokens) & (sp[:, 2] < sp[:, 3])]
-    sp = sp[np.argsort(sp[:, 2], kind="stable")]
-    if len(sp) > 1:
+    if len(sp) > 1 and not np.all(sp[1:, 2] >= sp[:-1, 3]):  # the tagger's usual output skips this
+        sp = sp[np.argsort(sp[:, 2], kind="stable")]
         keep = np.ones(len(sp), bool)
         end = -1
-        for i, (s, e) in enumerate(sp[:, 2:4]):
+        for i, (s, e) in enumerate(sp[:, 2:4].tolist()):
             if s < end:
                 keep[i] = False
             else:
@@ -214,6 +214,12 @@ class ValpDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.corpus)
 
+    def release_handles(self) -> None:
+        """Close this process's store handles; they reopen lazily (see TaskLoaders.next)."""
+        self.cmc.gallery.close()
+        for r in self.corpus.readers:
+            r.close()
+
     def mixed(self, epoch: int, index: int) -> tuple[np.ndarray, np.ndarray, MixResult, np.random.Generator]:
         """Truncated tokens, their clean spans and the CMC outcome (for `mix show` and tests)."""
         rng = self._rand.for_sample(epoch, index)  # valid until the next sample
@@ -257,6 +263,10 @@ class TavpDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def release_handles(self) -> None:
+        for g in self.galleries:
+            g.close()
 
     def __getitem__(self, key: tuple[int, int]) -> list[Row]:
         epoch, index = key
@@ -393,6 +403,13 @@ class TaskLoaders:
     def next(self, task: str) -> dict[str, torch.Tensor]:
         it = self._iters.get(task)
         if it is None:
+            if self._kw["num_workers"]:
+                # py-lmdb refuses to open in a forked child an environment its parent holds open,
+                # so the parent lets go of its handles before the workers fork
+                for ds in self.datasets.values():
+                    release = getattr(ds, "release_handles", None)
+                    if release is not None:
+                        release()
             # a private generator: creating the iterator must not draw from torch's global RNG,
             # or a resumed run's dropout stream would differ from an uninterrupted one
             loader = torch.utils.data.DataLoader(self.datasets[task], batch_sampler=self.samplers[task],

@@ -141,11 +141,13 @@ class _Log:
 
 def train(cfg: TrainConfig, *, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) a pre-training job; returns {"step": last step done, "out_dir": ...}."""
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     info = tdist.setup(cfg.run.device)
     try:
         return _train(cfg, info, resume)
     finally:
-        tdist.teardown()
+        if owned:  # a caller's process group is the caller's to end
+            tdist.teardown()
 
 
 def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, Any]:
