@@ -417,7 +417,7 @@ class _OpenShard:
 
 def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: BuildReport) -> None:
     import ray
-    from ray.exceptions import RayError, RayTaskError
+    from ray.exceptions import RayActorError, RayError, RayTaskError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     started = _connect_ray(opts)
@@ -436,13 +436,13 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
         ).remote(str(Path(opts.out).resolve()), info["feature_dim"], concepts, attributes,
                  _provenance(opts, info))
-        pre = ray.get(actors[0].preprocessor.remote())
+        # stays a ref: unpickling it would import the detector (torch) into the driver
+        pre_ref = actors[0].preprocessor.remote()
         decode = ray.remote(decode_batch).options(num_cpus=1, max_retries=2)
         report.mode, report.workers = f"ray {opts.ray_address}", n_actors
         window = opts.max_inflight_batches or 2 * n_actors + 2
         max_open = n_actors + 2
         policy = opts.policy()
-        pre_ref = ray.put(pre)
 
         batches: Iterator[tuple[int, int, tuple[ImageItem, ...]]] = (
             (si, bi, chunk) for si, s in enumerate(todo) for bi, chunk in enumerate(_batches(s, opts.batch_size)))
@@ -495,7 +495,10 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
                     summary = ray.get(ref)
                 except RayTaskError as e:
                     raise _cause(e) from None
-                except RayError as e:  # a crashed worker: isolate the image that did it
+                except RayActorError as e:
+                    raise VlmixerError(f"a detector worker died and could not be restarted ({e}); the "
+                                       "committed shards are kept: rerun the same command to resume") from None
+                except RayError as e:  # a crashed decode worker: isolate the image that did it
                     if len(chunk) > 1:
                         st.slots[bi][sub: sub + 1] = [None] * len(chunk)
                         st.remaining += len(chunk) - 1

@@ -90,8 +90,9 @@ def render_concept(gallery: str | Path, concept: str, out: str | Path, *, max_pa
         rec = reader.image(p.image)
         if p.image not in cache:
             path = Path(rec.path)
-            if image_root is not None and not path.is_file():
-                path = Path(image_root) / rec.key
+            if image_root is not None and not path.is_file():  # the collection moved since the build
+                cands = [Path(image_root) / rec.key, Path(image_root) / path.name]
+                path = next((c for c in cands if c.is_file()), path)
             try:
                 cache[p.image] = load_rgb(path, policy).array
             except BadImage as e:
@@ -104,7 +105,7 @@ def render_concept(gallery: str | Path, concept: str, out: str | Path, *, max_pa
         r, c = divmod(k, cols)
         x0, y0 = c * cell, TITLE_H + r * (cell + LABEL_H)
         sheet.paste(tile, (x0 + (cell - tile.width) // 2, y0 + (cell - tile.height) // 2))
-        draw.text((x0 + 3, y0 + cell + 1), f"{float(conf):.2f}", fill=(0, 0, 140), font=font)
+        draw.text((x0 + 3, y0 + cell + 1), f"{float(conf):.3f}", fill=(0, 0, 140), font=font)
         draw.text((x0 + 3, y0 + cell + 13), rec.key[-(cell // 6):], fill=(60, 60, 60), font=font)
     reader.close()
     out = Path(out)
