@@ -11,6 +11,7 @@ the page cache and nothing loads all features.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import numpy as np
 from storage import gallery_format as fmt
 from storage.files import atomic_write_json
 from storage.gallery_writer import check_format, list_parts, open_part_readonly
-from storage.lmdb_env import release_env
+from storage.lmdb_env import PID, release_env
 from storage.vocab import Vocabulary
 from vlmixer.errors import StoreError
 
@@ -227,13 +228,15 @@ class GalleryReader:
         self.num_patches = int(self.manifest["patches"])
         self._parts = self.manifest["parts"]
         self._patch_offsets = np.array([p["patch_offset"] for p in self._parts] + [self.num_patches], np.int64)
+        self._patch_offsets_list = [int(x) for x in self._patch_offsets]
+        self._single_part = len(self._parts) == 1
         self._image_offsets = np.array([p["image_offset"] for p in self._parts] + [self.num_images], np.int64)
         self._pid = -1
         self._state: dict[str, Any] = {}
 
     # -- lazy, per-process handles -------------------------------------------------
     def _open(self) -> dict[str, Any]:
-        if self._pid == os.getpid():
+        if self._pid == PID[0]:
             return self._state
         state: dict[str, Any] = {"envs": [], "txns": [], "dbs": []}
         for p in self._parts:
@@ -242,6 +245,7 @@ class GalleryReader:
             state["envs"].append(env)
             state["dbs"].append(dbs)
             state["txns"].append(env.begin(buffers=True))
+        state["feat"] = [(t, d[b"feat"]) for t, d in zip(state["txns"], state["dbs"])]
         idx = self.root / "index"
         for name in fmt.INDEX_FILES:
             f = idx / f"{name}.npy"
@@ -251,7 +255,7 @@ class GalleryReader:
                 state[name] = np.load(f, mmap_mode="r", allow_pickle=False)
             except ValueError as e:
                 raise StoreError(f"{f}: unreadable index array ({e})") from None
-        self._state, self._pid = state, os.getpid()
+        self._state, self._pid = state, PID[0]
         return state
 
     def __getstate__(self) -> dict[str, Any]:
@@ -260,7 +264,7 @@ class GalleryReader:
         return d
 
     def close(self) -> None:
-        if self._pid == os.getpid():
+        if self._pid == PID[0]:
             for t in self._state["txns"]:
                 t.abort()
             for e in self._state["envs"]:
@@ -270,8 +274,8 @@ class GalleryReader:
     def _locate(self, pid: int) -> tuple[int, int]:
         if not 0 <= pid < self.num_patches:
             raise IndexError(f"patch id {pid} out of range [0, {self.num_patches})")
-        part = int(np.searchsorted(self._patch_offsets, pid, side="right")) - 1
-        return part, pid - int(self._patch_offsets[part])
+        part = bisect.bisect_right(self._patch_offsets_list, pid) - 1
+        return part, pid - self._patch_offsets_list[part]
 
     def _block(self, part: int, db: bytes, block: int) -> memoryview:
         st = self._open()
@@ -282,11 +286,22 @@ class GalleryReader:
 
     # -- patches -------------------------------------------------------------------
     def feature(self, pid: int) -> np.ndarray:
-        """The (D,) float16 feature of one patch (a copy)."""
-        part, local = self._locate(int(pid))
-        block, row = divmod(local, fmt.BLOCK)
+        """The (D,) float16 feature of one patch (a copy). The trainer's hot path: kept lean."""
+        st = self._state if self._pid == PID[0] else self._open()
+        pid = int(pid)
+        if not 0 <= pid < self.num_patches:
+            raise IndexError(f"patch id {pid} out of range [0, {self.num_patches})")
+        if self._single_part:
+            part, block, row = 0, *divmod(pid, fmt.BLOCK)
+        else:
+            offs = self._patch_offsets_list
+            part = bisect.bisect_right(offs, pid) - 1
+            block, row = divmod(pid - offs[part], fmt.BLOCK)
+        txn, db = st["feat"][part]
+        buf = txn.get(fmt.ukey(block), db=db)
+        if buf is None:
+            raise StoreError(f"{self.root}: part {self._parts[part]['name']} has no feat block {block}")
         D = self.feature_dim
-        buf = self._block(part, b"feat", block)
         return np.frombuffer(buf, dtype=fmt.FEATURE_DTYPE, count=D, offset=row * D * 2).copy()
 
     def features(self, pids: np.ndarray | list[int]) -> np.ndarray:

@@ -64,8 +64,7 @@ _U64 = struct.Struct(">Q")
 _U64LE = struct.Struct("<Q")
 
 
-def ukey(i: int) -> bytes:
-    return _U64.pack(i)
+ukey = _U64.pack  # u64 big-endian key of a block or record index (hot path: no wrapper)
 
 
 def unkey(b: bytes) -> int:

@@ -16,6 +16,10 @@ import lmdb
 from vlmixer.errors import StoreError
 
 MAX_DBS = 16
+# This process's pid, refreshed by an at-fork hook: hot read paths compare against it
+# instead of calling os.getpid() (a system call) on every record.
+PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: PID.__setitem__(0, os.getpid()))
 _ENVS: dict[str, list] = {}  # realpath -> [pid, env, writable, refcount]
 
 
@@ -25,8 +29,14 @@ def open_env(path: str | Path, *, write: bool, map_size: int = 1 << 30) -> lmdb.
     pid = os.getpid()
     hit = _ENVS.get(key)
     if hit is not None and hit[0] != pid:
-        hit = None  # inherited through fork: never use the parent's handle
+        # Inherited through fork: the parent's handle must not be used here, and py-lmdb
+        # still counts it as open, so close this process's copy before opening afresh.
         del _ENVS[key]
+        try:
+            hit[1].close()
+        except lmdb.Error:
+            pass
+        hit = None
     if hit is not None:
         if write and not hit[2]:
             raise StoreError(f"{p}: open for reading in this process; close readers before writing")
@@ -49,8 +59,7 @@ def release_env(env: lmdb.Environment) -> None:
     for key, hit in list(_ENVS.items()):
         if hit[1] is env:
             if hit[0] != os.getpid():
-                del _ENVS[key]
-                return
+                return  # the parent's handle: open_env in this process replaces it
             hit[3] -= 1
             if hit[3] <= 0:
                 del _ENVS[key]

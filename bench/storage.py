@@ -1,0 +1,124 @@
+"""Gallery store benchmark: write rate, bytes per patch, random reads vs raw LMDB.
+
+Builds a synthetic gallery (default 200,000 patches of 2048-d fp16, ~0.8 GB)
+through the real writer, then in one process times random single-patch reads
+through `GalleryReader.feature` against the best raw `lmdb` access to the
+same bytes (zero-copy `txn.get` of the same block key plus the same 4 KiB
+slice), and concept-sampling reads (15 patches of a random concept, as CMC
+asks). Prints one figure per line.
+
+    python bench/storage.py [--patches 200000] [--dim 2048] [--out DIR] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from storage import gallery_format as fmt  # noqa: E402
+from storage.files import dir_size  # noqa: E402
+from storage.gallery import GalleryReader, finalize_gallery  # noqa: E402
+from storage.gallery_writer import GalleryWriter  # noqa: E402
+from storage.vocab import Vocabulary  # noqa: E402
+
+
+def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int, per_shard: int) -> float:
+    rng = np.random.default_rng(0)
+    vocab = Vocabulary(names=tuple(f"c{i}" for i in range(n_concepts)))
+    w = GalleryWriter(root, feature_dim=dim, concepts=vocab, map_size=1 << 28)
+    feats = rng.standard_normal((per_image * per_shard, dim)).astype(np.float16)  # reused: rate of the store only
+    t0 = time.perf_counter()
+    written, shard = 0, 0
+    while written < n_patches:
+        with w.shard(f"shard-{shard:06d}") as s:
+            for i in range(per_shard):
+                n = min(per_image, n_patches - written)
+                if n <= 0:
+                    break
+                boxes = np.tile(np.array([[0, 0, 10, 10]], np.float32), (n, 1))
+                s.add_image(f"img-{shard}-{i}", f"/x/{shard}/{i}.jpg", 640, 480, boxes,
+                            feats[i * per_image: i * per_image + n], rng.integers(0, n_concepts, n),
+                            rng.uniform(0.2, 1, n).astype(np.float32))
+                written += n
+        shard += 1
+    w.close()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patches", type=int, default=200_000)
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--concepts", type=int, default=1594)
+    ap.add_argument("--reads", type=int, default=100_000)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    root = a.out or Path(tempfile.mkdtemp(prefix="vlmixer-bench-")) / "gallery"
+    if root.exists():
+        shutil.rmtree(root)
+    print(f"machine: {os.cpu_count()} cpus; gallery {a.patches} patches x {a.dim}-d fp16 at {root}")
+    secs = build(root, a.patches, a.dim, a.concepts, per_image=30, per_shard=256)
+    print(f"write: {a.patches / secs:,.0f} patches/s ({secs:.1f} s)")
+    t0 = time.perf_counter()
+    finalize_gallery(root)
+    print(f"finalize (index): {time.perf_counter() - t0:.1f} s")
+    size = dir_size(root)
+    raw = a.dim * 2
+    print(f"disk: {size / a.patches:,.0f} bytes/patch = {size / a.patches / raw:.3f}x the raw {raw} feature bytes")
+
+    g = GalleryReader(root)
+    rng = np.random.default_rng(1)
+    pids = rng.integers(0, g.num_patches, a.reads)
+    g.feature(0)
+    st = g._open()  # the reader's own environment and transaction: the raw baseline uses the same handles
+    txn, db = st["txns"][0], st["dbs"][0][b"feat"]
+    D = a.dim
+
+    def raw_reads() -> float:
+        t = time.perf_counter()
+        for pid in pids:
+            block, row = divmod(int(pid), fmt.BLOCK)
+            buf = txn.get(fmt.ukey(block), db=db)
+            np.frombuffer(buf, dtype=np.float16, count=D, offset=row * D * 2).copy()
+        return a.reads / (time.perf_counter() - t)
+
+    def reader_reads() -> float:
+        t = time.perf_counter()
+        for pid in pids:
+            g.feature(int(pid))
+        return a.reads / (time.perf_counter() - t)
+
+    raw_reads(), reader_reads()  # warm the page cache for both
+    r_raw = max(raw_reads() for _ in range(3))
+    r_reader = max(reader_reads() for _ in range(3))
+    print(f"random single-patch reads: reader {r_reader:,.0f}/s, raw lmdb txn.get {r_raw:,.0f}/s, "
+          f"ratio {r_reader / r_raw:.2f}x (target >= 0.7x)")
+
+    counts = g.concept_counts()
+    nonempty = np.flatnonzero(counts)
+    t = time.perf_counter()
+    n_samples = 5_000
+    for c in rng.choice(nonempty, n_samples):
+        ids, confs = g.concept_patches(int(c))
+        pick = rng.choice(len(ids), min(15, len(ids)), replace=False)
+        for pid in ids[pick]:
+            g.feature(int(pid))
+        g.context(int(ids[pick[0]]))
+    dt = time.perf_counter() - t
+    print(f"concept sampling: {n_samples / dt:,.0f} concepts/s (15 patches each: {15 * n_samples / dt:,.0f} patch reads/s)")
+    g.close()
+    if not a.keep and a.out is None:
+        shutil.rmtree(root.parent)
+
+
+if __name__ == "__main__":
+    main()
