@@ -1,0 +1,79 @@
+"""`vlmixer mix show|sample`: rendered pages and sampled ids match what the trainer mixes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from storage.gallery import GalleryReader
+from storage.textstore import TextStoreReader
+from trainer.cmc import CrossModalCutMix
+from trainer.data import TextCorpus, ValpDataset, WordPieceVocab
+from trainer.synthetic import CONCEPTS, random_sentences, write_gallery, write_text_store, write_vocab
+from vlmixer.cli import main
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("mix")
+    rng = np.random.default_rng(0)
+    images, paths = [], []
+    for i in range(12):
+        images.append([(int(rng.integers(9)), float(rng.uniform(0.3, 1))) for _ in range(4)])
+        p = root / f"img{i}.jpg"
+        if i % 2 == 0:  # odd images are missing: their patches render as grey boxes
+            Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    g = write_gallery(root / "g", CONCEPTS, images, feature_dim=8, paths=paths)
+    t = write_text_store(root / "t", CONCEPTS, write_vocab(root / "vocab.txt"), random_sentences(20, seed=1))
+    return g, t
+
+
+def test_mix_sample_matches_training_mix(stores: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    g, t = stores
+    assert main(["mix", "sample", "--text", str(t), "--gallery", str(g), "--n", "10", "--seed", "3", "--jsonl"]) == 0
+    rows = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in rows] == list(range(10))
+    gallery, text = GalleryReader(g), TextStoreReader(t)
+    vocab = WordPieceVocab.read(text.vocab_file)
+    ds = ValpDataset(corpus=TextCorpus([text]), cmc=CrossModalCutMix(gallery=gallery), vocab=vocab,
+                     mask=vocab.mask_spec(0.15, 0.8, 0.1), max_len=80, seed=3)
+    n_rep = 0
+    for r in rows:
+        _, spans, mix, _ = ds.mixed(0, r["index"])
+        assert [w["concept"] for w in r["words"]] == spans[:, 4].tolist()
+        for w, pid, rep in zip(r["words"], mix.patch_ids, mix.replaced):
+            assert w["replaced"] == bool(rep) and w.get("patch_id", -1) == int(pid)
+            if rep:
+                n_rep += 1
+                assert gallery.patch(int(pid)).concept == w["concept"] and 0 < w["prob"] <= 1
+    assert n_rep > 0
+
+
+def test_mix_show_html_and_png(stores: tuple[Path, Path], tmp_path: Path) -> None:
+    g, t = stores
+    out = tmp_path / "mix.html"
+    assert main(["mix", "show", "--text", str(t), "--gallery", str(g), "--n", "8", "--r-cmc", "1",
+                 "--out", str(out)]) == 0
+    page = out.read_text()
+    assert page.count("<figure") >= 8 and "p=" in page and "data:image/png;base64," in page
+    png = tmp_path / "mix.png"
+    assert main(["mix", "show", "--text", str(t), "--gallery", str(g), "--n", "4", "--out", str(png)]) == 0
+    with Image.open(png) as im:
+        assert im.width == 1000 and im.height > 100
+    assert main(["mix", "show", "--text", str(t), "--gallery", str(g), "--out", str(tmp_path / "x.gif")]) == 2
+
+
+def test_unreadable_source_gives_grey_box(stores: tuple[Path, Path]) -> None:
+    from trainer.render import patch_crop
+
+    gallery = GalleryReader(stores[0])
+    odd = gallery.image_patches(1)[0]  # image 1 has no file
+    im = np.asarray(patch_crop(gallery, odd, 32))
+    assert im.shape[0] == 32 and (im == 160).mean() > 0.5
+    even = gallery.image_patches(0)[0]
+    crop = np.asarray(patch_crop(gallery, even, 32))
+    assert crop.shape[0] == 32 and (crop == 160).mean() < 0.5
