@@ -97,6 +97,17 @@ def test_batch_of_mixed_sizes_equals_one_at_a_time(detector, photos):
         np.testing.assert_array_equal(got.attr_ids, alone.attr_ids)
 
 
+@pytest.mark.parametrize("shape", [(1, 900, 3), (8, 8, 3), (64, 48, 3)])
+def test_degenerate_images(detector, shape):
+    """Extreme aspect ratio, tiny and flat images: no crash, boxes inside, at most the maximum."""
+    img = np.full(shape, 128, np.uint8)
+    (d,) = detector([img])
+    assert d.image_size == shape[:2] and len(d) <= 100
+    if len(d):
+        assert np.all(d.boxes[:, 2] <= shape[1]) and np.all(d.boxes[:, 3] <= shape[0])
+        assert np.all(np.diff(d.confidences) <= 0)
+
+
 def test_preprocess_sizes_and_bgr(detector, photos):
     t, scale = detector.preprocess(photos[1])  # chelsea 300x451: longer side capped at 320
     assert tuple(t.shape) == (3, 213, 320) and str(t.dtype) == "torch.uint8"
@@ -151,3 +162,17 @@ def test_legacy_anchors_are_detectron_anchors():
     assert a.shape == (15, 4)
     np.testing.assert_array_equal(a[2], [-84, -40, 99, 55])  # 128, ratio 0.5
     np.testing.assert_array_equal(a[7], [-56, -56, 71, 71])  # 128, ratio 1
+
+
+def test_vocabularies_from_user_files(tmp_path):
+    concepts = tmp_path / "objects.txt"
+    concepts.write_text("\n".join(f"object{i},obj{i}" for i in range(80)) + "\n")
+    attrs = tmp_path / "attributes.txt"
+    attrs.write_text("\n".join(f"attr{i}" for i in range(20)) + "\n")
+    det = Detector.from_config(TINY, overrides=[f"VLMIXER.CONCEPT_VOCAB={concepts}",
+                                                f"VLMIXER.ATTRIBUTE_VOCAB={attrs}"])
+    assert det.concepts.names[3] == "object3" and det.attributes.names[19] == "attr19"
+    assert det.provenance["concept_vocab_sha256"] == det.concepts.sha256
+    attrs.write_text("\n".join(f"attr{i}" for i in range(7)) + "\n")
+    with pytest.raises(VlmixerError, match="7 entries"):
+        Detector.from_config(TINY, overrides=[f"VLMIXER.ATTRIBUTE_VOCAB={attrs}"])

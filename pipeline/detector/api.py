@@ -50,12 +50,12 @@ def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple
     size = float(min_size)
     lo, hi = float(min(height, width)), float(max(height, width))
     if max_size > 0 and hi / lo * size > max_size:
-        size = float(int(round(max_size * lo / hi)))
+        size = float(max(int(round(max_size * lo / hi)), 1))  # >= 1 for extreme aspect ratios
     if (width <= height and width == size) or (height <= width and height == size):
         return height, width
     if width < height:
-        return int(size * height / width), int(size)
-    return int(size), int(size * width / height)
+        return max(int(size * height / width), 1), max(int(size), 1)
+    return max(int(size), 1), max(int(size * width / height), 1)
 
 
 def _sha256_file(path: Path) -> str:
@@ -120,7 +120,7 @@ class Detector:
         cfg.defrost()
         cfg.MODEL.DEVICE = str(dev)
         cfg.freeze()
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):
             torch.manual_seed(int(cfg.VLMIXER.RANDOM_INIT.SEED))
             model = build_model(cfg)
         m.set_frozen_bn_eps(model, cfg.VLMIXER.FROZEN_BN_EPS)
