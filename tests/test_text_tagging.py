@@ -344,3 +344,22 @@ def test_concepts_from_a_gallery(tmp_path, nlp, tokenizer):
     store, _ = _tag(tmp_path, nlp, tokenizer, ["A kitty sits near the traffic lights."], concepts=concepts)
     assert _grounded(store) == [[("kitty", "cat"), ("traffic lights", "traffic light")]]
     assert TextStoreReader(store, expect_concepts_sha256=concepts.sha256).concepts == concepts
+
+
+def test_fast_attribute_rules_change_nothing(tmp_path, nlp, tokenizer):
+    """The stand-in for spaCy's attribute ruler matching gives the same tags, lemmas and stores."""
+    from pipeline.text.attribute_rules import FastAttributeRuler, _signature, annotator
+
+    annotate = annotator(nlp)
+    assert getattr(annotate, "fast", False)
+    texts = SENTENCES + ["I'd've thought y'all ain't nothin' like 'em.", "Nobody wants something that big.",
+                         "Whether it rains or not, the kids gonna play outside 'til 5 p.m."]
+    assert [_signature(d) for d in annotate(texts)] == [_signature(d) for d in nlp.pipe(texts)]
+    fast, _ = _tag(tmp_path, nlp, tokenizer, texts, out="fast")
+    exact, _ = _tag(tmp_path, nlp, tokenizer, texts, out="exact", fast_attribute_rules=False)
+    assert list(iter_dump_records(TextStoreReader(fast))) == list(iter_dump_records(TextStoreReader(exact)))
+
+    class Ruler:  # a rule this stand-in does not understand -> the real component is kept
+        patterns = [{"patterns": [[{"LOWER": "a", "OP": "+"}]], "attrs": {}, "index": 0}]
+
+    assert FastAttributeRuler.build(Ruler()) is None

@@ -28,6 +28,7 @@ from storage.textstore import TextStoreWriter
 from storage.vocab import Vocabulary
 from vlmixer.errors import VlmixerError
 
+from .attribute_rules import annotator
 from .concepts import ConceptMapping, ConceptMatcher
 from .corpus import CorpusFile, ShardTask, count_records, decode_items, file_fingerprint, plan_shards
 from .spacy_model import load_spacy
@@ -54,6 +55,7 @@ class TagJobConfig:
     batch_size: int = 256
     n_process: int = 1
     image_key: str = "file_name"
+    fast_attribute_rules: bool = True  # exact stand-in for spaCy's attribute ruler matching (self-checked)
     extra_provenance: dict[str, Any] = field(default_factory=dict)
 
     def signature(self) -> dict[str, Any]:
@@ -105,7 +107,9 @@ class TagShard:
             c = self.config
             nlp = self._nlp if self._nlp is not None else load_spacy(c.spacy_model)
             matcher = ConceptMatcher(c.mapping, lambda p: [t.lower_ for t in nlp.tokenizer(p)])
-            kw = {"max_sentence_chars": c.max_sentence_chars, "batch_size": c.batch_size, "n_process": c.n_process}
+            pipe = annotator(nlp) if c.fast_attribute_rules else nlp.pipe
+            kw = {"max_sentence_chars": c.max_sentence_chars, "batch_size": c.batch_size, "n_process": c.n_process,
+                  "pipe": pipe}
             split = SentenceTagger(nlp, matcher, c.tokenizer, split=True, **kw)
             whole = SentenceTagger(nlp, matcher, c.tokenizer, split=False, **kw)
             writer = TextStoreWriter(c.out, concepts=c.concepts, tokenizer_name=c.tokenizer.name,
