@@ -90,7 +90,9 @@ def test_k_shot_conditional_on_fixed_pool(gallery: GalleryReader) -> None:
     all_dogs = np.asarray(gallery.concept_patches(DOG)[0])
     assert len(all_dogs) == 6
     pool = all_dogs[[4, 0, 2]]
-    cmc.draw_pool = lambda concept, rng: pool  # condition on one drawn pool
+    real_draw = cmc.draw_pool
+    # condition the dog word on one drawn pool; the cat word keeps its own K-shot draws
+    cmc.draw_pool = lambda concept, rng: pool if concept == DOG else real_draw(concept, rng)
     sentence = np.array([DOG, CAT])
     p = expected_p(DOG, {DOG, CAT}, 0.5)
     keys = [key_of(gallery, pid) for pid in pool]

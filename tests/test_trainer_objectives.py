@@ -70,7 +70,7 @@ def test_mlm_loss_only_on_labelled_positions() -> None:
     ref = F.cross_entropy(head(torch.stack([hidden[0, 1], hidden[1, 3]])), torch.tensor([7, 2]))
     assert n == 2 and loss.item() == pytest.approx(ref.item(), rel=1e-6)
     zero, n0 = mlm_loss(head, hidden, torch.full((2, 5), IGNORE))
-    assert n0 == 0 and float(zero) == 0.0 and zero.requires_grad
+    assert n0 == 0 and zero.item() == 0.0 and zero.requires_grad
 
 
 @pytest.fixture(scope="module")

@@ -103,15 +103,14 @@ class CrossModalCutMix:
         if total == 0:
             return conf
         owner = np.repeat(np.arange(len(pool)), lens)
-        first = np.cumsum(lens) - lens
-        flat = np.arange(total) - np.repeat(first, lens) + np.repeat(starts, lens)
+        flat = np.arange(total) + np.repeat(starts - (np.cumsum(lens) - lens), lens)
         cc = a["image_ctx_concepts"][flat]
-        cf = a["image_ctx_confs"][flat].astype(np.float64)
         # few grounded concepts per sentence: a broadcast compare beats np.isin here
-        keep = (cc[:, None] == sent[None, :]).any(axis=1) & (cc != own[owner])
-        cnt = np.bincount(owner[keep], minlength=len(pool))
-        sm = np.bincount(owner[keep], weights=cf[keep], minlength=len(pool))
-        return conf + np.where(cnt > 0, self.r_ctx * sm / np.maximum(cnt, 1), 0.0)
+        keep = (cc[:, None] == sent[None, :]).any(axis=1) & (cc != np.repeat(own, lens))
+        ok = owner[keep]
+        cnt = np.bincount(ok, minlength=len(pool))
+        sm = np.bincount(ok, weights=a["image_ctx_confs"][flat[keep]], minlength=len(pool))
+        return conf + self.r_ctx * sm / np.maximum(cnt, 1)  # sm is 0 where G_i is empty
 
     # -- one sentence -----------------------------------------------------------------------
     def sample(self, span_concepts: np.ndarray, rng: np.random.Generator) -> MixResult:
@@ -125,35 +124,36 @@ class CrossModalCutMix:
         """
         sc = np.asarray(span_concepts, dtype=np.int64).reshape(-1)
         n = len(sc)
-        patch_ids = np.full(n, -1, dtype=np.int64)
-        weight = np.full(n, np.nan)
-        prob = np.full(n, np.nan)
+        nan = float("nan")
+        patch_ids, weight, prob = [-1] * n, [nan] * n, [nan] * n
         pools, owners = [], []
         if n:
-            for w in np.flatnonzero(rng.random(n) < self.r_cmc).tolist():
-                pool = self.draw_pool(int(sc[w]), rng)
-                if len(pool):  # else no patch of this concept: the word stays text
-                    pools.append(pool)
-                    owners.append(w)
-        if not pools:
-            return MixResult(patch_ids >= 0, patch_ids, weight, prob)
-        lens = [len(q) for q in pools]
-        flat = np.concatenate(pools) if len(pools) > 1 else pools[0]
-        p = self.weights(flat, sc)  # G_i uses every grounded concept of the sentence
-        cs = np.cumsum(p)
-        ends = np.cumsum(lens)
-        starts = ends - lens
-        base = np.where(starts > 0, cs[starts - 1], 0.0)
-        tot = cs[ends - 1] - base
-        u = rng.random(len(pools))
-        pick = np.searchsorted(cs, base + u * tot, side="right")
-        pick = np.where(tot > 0, np.minimum(np.maximum(pick, starts), ends - 1),
-                        starts + np.minimum((u * lens).astype(np.int64), ends - starts - 1))
-        ow = np.asarray(owners)
-        patch_ids[ow] = flat[pick]
-        weight[ow] = p[pick]
-        prob[ow] = np.where(tot > 0, p[pick] / np.where(tot > 0, tot, 1.0), 1.0 / np.asarray(lens))
-        return MixResult(patch_ids >= 0, patch_ids, weight, prob)
+            # a sentence has a handful of words: Python scalars beat tiny numpy arrays here
+            r_cmc, concepts = self.r_cmc, sc.tolist()
+            for w, u in enumerate(rng.random(n).tolist()):
+                if u < r_cmc:
+                    pool = self.draw_pool(concepts[w], rng)
+                    if len(pool):  # else no patch of this concept: the word stays text
+                        pools.append(pool)
+                        owners.append(w)
+        if pools:
+            flat = np.concatenate(pools) if len(pools) > 1 else pools[0]
+            p = self.weights(flat, sc)  # G_i uses every grounded concept of the sentence
+            lo = 0
+            for w, pool, u in zip(owners, pools, rng.random(len(pools)).tolist()):
+                m = len(pool)
+                cs = np.cumsum(p[lo: lo + m])
+                tot = float(cs[-1])
+                if tot > 0:
+                    i = min(int(cs.searchsorted(u * tot, side="right")), m - 1)
+                    prob[w] = float(p[lo + i]) / tot
+                else:
+                    i = min(int(u * m), m - 1)
+                    prob[w] = 1.0 / m
+                patch_ids[w], weight[w] = int(pool[i]), float(p[lo + i])
+                lo += m
+        ids = np.array(patch_ids, dtype=np.int64)
+        return MixResult(ids >= 0, ids, np.array(weight), np.array(prob))
 
 
 def uniform_subset(n: int, k: int, rng: np.random.Generator) -> np.ndarray:

@@ -33,7 +33,8 @@ from trainer.objectives import Pretrainer
 from vlmixer.config import from_dict, to_dict
 from vlmixer.errors import ConfigError, VlmixerError
 
-# config keys a resume may change: they do not affect what a step computes
+# config keys a resume may change: they change neither the data nor the model; a new
+# optim.total_steps extends (or shortens) the run and reshapes the LR decay from the resume on
 RESUMABLE_CHANGES = ("run.out_dir", "run.ckpt_every", "run.keep_last", "run.log_every", "run.progress",
                      "run.stop_at_step", "data.num_workers", "data.prefetch_factor", "optim.total_steps")
 
