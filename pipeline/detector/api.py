@@ -174,8 +174,8 @@ class Detector:
         return det
 
     def _calibrate(self) -> None:
-        """Random weights: frozen BN statistics from one seeded synthetic image (see model.py)."""
-        from pipeline.detector.model import calibrate_frozen_bn
+        """Random weights: frozen BN statistics and RPN objectness from one seeded synthetic image (model.py)."""
+        from pipeline.detector.model import calibrate_random_model
 
         h, w = (int(v) for v in self.cfg.VLMIXER.RANDOM_INIT.IMAGE_SIZE)
         g = torch.Generator().manual_seed(int(self.cfg.VLMIXER.RANDOM_INIT.SEED))
@@ -183,7 +183,7 @@ class Detector:
         low = torch.rand((3, h // 32 + 1, w // 32 + 1), generator=g)
         img = torch.nn.functional.interpolate(low[None], size=(h, w), mode="bilinear", align_corners=False)[0]
         img = (img * 200 + torch.rand((3, h, w), generator=g) * 55).clamp(0, 255).to(torch.uint8)
-        calibrate_frozen_bn(self.model, lambda: self._forward([img], [(h, w)]))
+        calibrate_random_model(self.model, lambda: self._forward([img], [(h, w)]))
 
     # ------------------------------------------------------------------ inference
     def preprocess(self, image_rgb: np.ndarray) -> tuple[torch.Tensor, float]:

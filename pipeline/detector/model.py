@@ -403,17 +403,20 @@ def set_frozen_bn_eps(model: nn.Module, eps: float) -> None:
 
 
 @torch.no_grad()
-def calibrate_frozen_bn(model: nn.Module, run: Any, min_var: float = 1e-4) -> None:
-    """For random weights: set every frozen BN's statistics to those of its input on one
-    forward pass (`run()`), layer by layer, with weight 1 and bias 0.
+def calibrate_random_model(model: nn.Module, run: Any, min_var: float = 1e-4) -> None:
+    """For random weights: one forward pass (`run()`) that sets, layer by layer, every frozen
+    BN's statistics to those of its input (weight 1, bias 0), and standardises the RPN
+    objectness logits per anchor type (zero mean, unit std over the image).
 
     Why: with random convolutions and identity frozen BN the activations of a
     deep ResNet grow by orders of magnitude and the detector returns nothing
     useful; normalising each layer keeps them in range, like trained BN would.
+    Without the RPN step, one anchor type's random offset wins every top-k and
+    NMS leaves a handful of proposals instead of POST_NMS_TOPK_TEST.
     """
     hooks = []
 
-    def pre_hook(mod: FrozenBatchNorm2d, args: tuple[torch.Tensor, ...]) -> None:
+    def bn_pre_hook(mod: FrozenBatchNorm2d, args: tuple[torch.Tensor, ...]) -> None:
         x = args[0].float()
         dims = [0] + list(range(2, x.dim()))
         mod.running_mean.copy_(x.mean(dim=dims))
@@ -421,9 +424,21 @@ def calibrate_frozen_bn(model: nn.Module, run: Any, min_var: float = 1e-4) -> No
         mod.weight.fill_(1.0)
         mod.bias.zero_()
 
+    def objectness_hook(mod: nn.Conv2d, args: Any, out: torch.Tensor) -> torch.Tensor:
+        mean = out.float().mean(dim=(0, 2, 3))
+        std = out.float().std(dim=(0, 2, 3)).clamp(min=1e-6)
+        mod.weight.div_(std.view(-1, 1, 1, 1).to(mod.weight.dtype))
+        if mod.bias is not None:
+            mod.bias.copy_(((mod.bias.float() - mean) / std).to(mod.bias.dtype))
+        return (out - mean.view(1, -1, 1, 1).to(out.dtype)) / std.view(1, -1, 1, 1).to(out.dtype)
+
     for m in model.modules():
         if isinstance(m, FrozenBatchNorm2d):
-            hooks.append(m.register_forward_pre_hook(pre_hook))
+            hooks.append(m.register_forward_pre_hook(bn_pre_hook))
+    rpn = getattr(getattr(model, "proposal_generator", None), "rpn_head", None)
+    obj = getattr(rpn, "objectness_logits", None)
+    if isinstance(obj, nn.Conv2d):
+        hooks.append(obj.register_forward_hook(objectness_hook))
     try:
         run()
     finally:
