@@ -116,3 +116,46 @@ def test_cli_train_in_process(stores: tuple[Path, Path], tmp_path: Path, capsys:
     assert rc == 0 and (out / "checkpoints" / "step_00000003.pt").exists()
     assert main(["train", "--config", str(TINY), f"data.gallery={g}", "optim.bogus=1"]) == 2
     assert "unknown config key optim.bogus" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigkill_then_cli_resume(stores: tuple[Path, Path], tmp_path: Path) -> None:
+    """A real `kill -9` of `vlmixer train` mid-run; `--resume` continues exactly from its last checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from vlmixer.cli import main
+
+    g, t = stores
+    repo = Path(__file__).resolve().parents[1]
+    common = [f"data.gallery={g}", f"data.text_stores=[{t}]", "model.feature_dim=64", "run.progress=false",
+              "data.tavp_ratio=0.3", "optim.total_steps=400", "run.log_every=1", "run.ckpt_every=4"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "vlmixer", "train", "--config", str(TINY), *common,
+                             f"run.out_dir={killed}"], cwd=repo, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (killed / "metrics.jsonl").exists() and len(metrics(killed)) >= 11:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    ck = latest_checkpoint(killed)
+    assert ck is not None
+    n = load_checkpoint(ck)["step"]
+    assert n >= 8 and not list((killed / "checkpoints").glob("*.tmp"))
+    assert main(["train", "--config", str(TINY), *common, f"run.out_dir={killed}", f"run.stop_at_step={n + 10}",
+                 "--resume"]) == 0
+    ref = tmp_path / "ref"
+    assert main(["train", "--config", str(TINY), *common, f"run.out_dir={ref}", f"run.stop_at_step={n + 10}"]) == 0
+    a, b = metrics(ref), metrics(killed)
+    for s in range(n + 1, n + 11):
+        assert b[s]["task"] == a[s]["task"]
+        assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5, abs=1e-6), s
