@@ -159,3 +159,12 @@ def test_sigkill_then_cli_resume(stores: tuple[Path, Path], tmp_path: Path) -> N
     for s in range(n + 1, n + 11):
         assert b[s]["task"] == a[s]["task"]
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5, abs=1e-6), s
+
+
+def test_base_config_has_the_paper_defaults() -> None:
+    cfg = load_train_config(TINY.parent / "vlmixer_base.yaml", [])
+    assert (cfg.optim.lr, cfg.optim.batch_size, cfg.optim.total_steps) == (5e-5, 1024, 300_000)
+    assert (cfg.cmc.r_cmc, cfg.cmc.r_ctx, cfg.cmc.k_shot, cfg.objective.tau) == (0.5, 0.5, 15, 0.1)
+    assert cfg.model.pretrained == "bert-base-uncased" and cfg.model.bert["hidden_size"] == 768
+    assert (cfg.data.max_len_valp, cfg.data.max_len_tavp) == (80, 100)
+    assert cfg.objective.mlm_prob == 0.15 and cfg.objective.cmcl_global_negatives

@@ -169,6 +169,8 @@ class TextCorpus:
         self.readers = list(readers)
         sizes = [len(r) for r in self.readers]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._shard_starts = [np.array([r.shard_offset(k) for k in range(r.num_shards)], np.int64)
+                              for r in self.readers]
         self._pid = -1
         self._cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
@@ -193,10 +195,10 @@ class TextCorpus:
     def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens (m,) int64, spans (k, 5) int64) of global sentence `index`."""
         r = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        reader = self.readers[r]
         local = index - int(self.offsets[r])
-        k = int(np.searchsorted(reader._offsets, local, side="right")) - 1
-        i = local - reader.shard_offset(k)
+        starts = self._shard_starts[r]
+        k = int(np.searchsorted(starts, local, side="right")) - 1
+        i = local - int(starts[k])
         c = self._shard(r, k)
         to, so = c["token_offsets"], c["span_offsets"]
         return (c["tokens"][to[i]: to[i + 1]].astype(np.int64), c["spans"][so[i]: so[i + 1]].astype(np.int64))
