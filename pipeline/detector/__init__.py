@@ -4,6 +4,10 @@
 callable: list of HxWx3 uint8 RGB images -> list of `Detections`. Without
 weights the model is randomly initialised (tests, demo). See README.md here.
 """
-from pipeline.detector.api import Detections, Detector
+from pipeline.detector._compat import ensure_detectron2
+
+ensure_detectron2(load=False)  # cheap: makes a later `import detectron2...` work on this install
+
+from pipeline.detector.api import Detections, Detector  # noqa: E402
 
 __all__ = ["Detections", "Detector"]

@@ -15,14 +15,30 @@ import sys
 import types
 import warnings
 
-_DONE = False
+_SHIMMED = False
+_LOADED = False
 
 
-def ensure_detectron2() -> None:
-    """Idempotent: register an empty `detectron2._C` if absent, alias `PIL.Image.LINEAR`, import detectron2."""
-    global _DONE
-    if _DONE:
+def ensure_detectron2(load: bool = True) -> None:
+    """Idempotent: register an empty `detectron2._C` if absent and alias `PIL.Image.LINEAR`;
+    with `load`, also import detectron2.modeling (quietly). `pipeline.detector` calls it
+    with load=False on import, so user code importing detectron2 afterwards works too."""
+    global _SHIMMED, _LOADED
+    if _LOADED or (_SHIMMED and not load):
         return
+    if not _SHIMMED:
+        _shim()
+        _SHIMMED = True
+    if load:
+        with warnings.catch_warnings():
+            # torch>=2.10 deprecates torch.jit.script, which detectron2 0.6 uses at import time.
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=UserWarning)
+            import detectron2.modeling  # noqa: F401
+        _LOADED = True
+
+
+def _shim() -> None:
     import PIL.Image
 
     if not hasattr(PIL.Image, "LINEAR"):
@@ -36,9 +52,3 @@ def ensure_detectron2() -> None:
             stub = types.ModuleType("detectron2._C")
             stub.__doc__ = "placeholder registered by vlmixer: this detectron2 has no compiled ops"
             sys.modules["detectron2._C"] = stub
-    with warnings.catch_warnings():
-        # torch>=2.10 deprecates torch.jit.script, which detectron2 0.6 uses at import time.
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-        import detectron2.modeling  # noqa: F401
-    _DONE = True
