@@ -164,3 +164,14 @@ def test_mask_tokens_ratios() -> None:
     # random replacements land on the original id with probability 1/1000
     assert abs(changed - 0.1 * 0.999) < 5 * np.sqrt(0.09 / k)
     assert abs(same - (0.1 + 0.1 * 0.001)) < 5 * np.sqrt(0.09 / k)
+
+
+def test_text_cache_keeps_at_most_n_shards(stores: tuple[Path, Path]) -> None:
+    text = TextStoreReader(stores[1])
+    assert text.num_shards > 2
+    full, small = TextCorpus([text]), TextCorpus([text], cache_shards=1)
+    for i in list(range(len(full))) + [0, len(full) - 1, 0]:
+        a, b = full.get(i), small.get(i)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        assert len(small._cache) == 1
+    assert len(full._cache) == text.num_shards

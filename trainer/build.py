@@ -58,7 +58,7 @@ def build_datasets(cfg: TrainConfig, stores: Stores) -> dict[str, torch.utils.da
     mask = stores.vocab.mask_spec(o.mlm_prob, o.mlm_mask_frac, o.mlm_random_frac)
     out: dict[str, torch.utils.data.Dataset] = {}
     if d.tavp_ratio < 1.0:
-        out["valp"] = ValpDataset(corpus=TextCorpus(stores.texts),
+        out["valp"] = ValpDataset(corpus=TextCorpus(stores.texts, cache_shards=d.text_cache_shards),
                                   cmc=CrossModalCutMix.from_config(stores.gallery, cfg.cmc),
                                   vocab=stores.vocab, mask=mask, max_len=d.max_len_valp, seed=cfg.run.seed)
     if d.tavp_ratio > 0.0:

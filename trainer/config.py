@@ -32,10 +32,14 @@ class DataConfig:
     max_len_tavp: int = 100
     # at most this many word-pieces of tags in a TAVP input; the rest of max_len_tavp is patches
     max_tag_tokens: int = 30
-    # DataLoader worker processes per training process (0: load in the training process)
+    # DataLoader worker processes per task loader and training process (VALP and TAVP each get
+    # this many; 0: load in the training process)
     num_workers: int = 2
     # batches each worker prepares ahead (DataLoader prefetch_factor)
     prefetch_factor: int = 4
+    # text-store shards each loader process keeps in memory (tokens + spans, ~4 bytes a token),
+    # least recently used first out; 0 = all of them
+    text_cache_shards: int = 0
 
 
 @dataclass
@@ -154,8 +158,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
             raise ConfigError(f"data.{k}={getattr(d, k)}: too short (>= 4)")
     if not 0 < d.max_tag_tokens < d.max_len_tavp - 3:
         raise ConfigError(f"data.max_tag_tokens={d.max_tag_tokens}: must be in (0, max_len_tavp - 3)")
-    if d.num_workers < 0 or d.prefetch_factor < 1:
-        raise ConfigError("data.num_workers must be >= 0 and data.prefetch_factor >= 1")
+    if d.num_workers < 0 or d.prefetch_factor < 1 or d.text_cache_shards < 0:
+        raise ConfigError("data.num_workers and data.text_cache_shards must be >= 0, data.prefetch_factor >= 1")
     if not 0.0 <= c.r_cmc <= 1.0:
         raise ConfigError(f"cmc.r_cmc={c.r_cmc}: must be in [0, 1]")
     if c.r_ctx < 0:

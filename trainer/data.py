@@ -18,6 +18,7 @@ multi-modal views, in the same sentence order.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,31 +166,36 @@ class TextCorpus:
     caches whole shards' token and span arrays (4 bytes a token) on first use.
     """
 
-    def __init__(self, readers: Sequence[TextStoreReader]) -> None:
+    def __init__(self, readers: Sequence[TextStoreReader], cache_shards: int = 0) -> None:
         self.readers = list(readers)
+        self.cache_shards = cache_shards
         sizes = [len(r) for r in self.readers]
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         self._shard_starts = [np.array([r.shard_offset(k) for k in range(r.num_shards)], np.int64)
                               for r in self.readers]
         self._pid = -1
-        self._cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def __getstate__(self) -> dict[str, Any]:
         d = dict(self.__dict__)
-        d["_pid"], d["_cache"] = -1, {}
+        d["_pid"], d["_cache"] = -1, OrderedDict()
         return d
 
     def _shard(self, r: int, k: int) -> dict[str, np.ndarray]:
         if self._pid != os.getpid():
-            self._cache, self._pid = {}, os.getpid()
+            self._cache, self._pid = OrderedDict(), os.getpid()
         c = self._cache.get((r, k))
         if c is None:
             arr = self.readers[r].shard_arrays(k)
             c = {n: arr[n] for n in ("tokens", "token_offsets", "spans", "span_offsets")}
             self._cache[(r, k)] = c
+            if self.cache_shards and len(self._cache) > self.cache_shards:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end((r, k))
         return c
 
     def get(self, index: int) -> tuple[np.ndarray, np.ndarray]:

@@ -36,7 +36,8 @@ from vlmixer.errors import ConfigError, VlmixerError
 # config keys a resume may change: they change neither the data nor the model; a new
 # optim.total_steps extends (or shortens) the run and reshapes the LR decay from the resume on
 RESUMABLE_CHANGES = ("run.out_dir", "run.ckpt_every", "run.keep_last", "run.log_every", "run.progress",
-                     "run.stop_at_step", "data.num_workers", "data.prefetch_factor", "optim.total_steps")
+                     "run.stop_at_step", "data.num_workers", "data.prefetch_factor", "data.text_cache_shards",
+                     "optim.total_steps")
 
 
 class TrainingDiverged(VlmixerError):
@@ -170,6 +171,10 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     model = VLMixerModel.from_config(cfg.model, vocab_size=stores.vocab.size,
                                      num_concepts=len(stores.gallery.concepts)).to(info.device)
+    longest = max(cfg.data.max_len_valp, cfg.data.max_len_tavp)
+    if longest > model.config.max_position_embeddings:
+        raise ConfigError(f"data.max_len_valp/max_len_tavp reach {longest} tokens but the model has "
+                          f"{model.config.max_position_embeddings} position embeddings")
     pre = Pretrainer(model=model, objective=cfg.objective)
     net: torch.nn.Module = pre
     if info.distributed:
