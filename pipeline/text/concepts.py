@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,29 +139,32 @@ class ConceptMapping:
 
 @dataclass(frozen=True)
 class TokenView:
-    """What the matcher needs of a tokenised sentence: per token lower text, lower lemma, POS."""
+    """What the matcher needs of a tokenised sentence: per token lower text, lower lemma (as the
+    matcher's keys) and whether the token is a NOUN or PROPN."""
 
-    lower: Sequence[str]
-    lemma: Sequence[str]
-    pos: Sequence[str]
+    lower: Sequence[Hashable]
+    lemma: Sequence[Hashable]
+    noun: Sequence[bool]
 
 
 class ConceptMatcher:
     """Longest-match search of the mapping's phrases over tokens, as a word trie."""
 
-    def __init__(self, mapping: ConceptMapping, tokenize: Callable[[str], list[str]]) -> None:
+    def __init__(self, mapping: ConceptMapping, tokenize: Callable[[str], list[str]],
+                 key: Callable[[str], Hashable] | None = None) -> None:
         """`tokenize` splits a phrase into lower-case words the way the tagger splits text
-        (spaCy's tokenizer), so "t-shirt" is ["t", "-", "shirt"] on both sides."""
+        (spaCy's tokenizer), so "t-shirt" is ["t", "-", "shirt"] on both sides; `key` maps a
+        word to what `TokenView` holds (spaCy string hashes in the tagger, words in tests)."""
         self.mapping = mapping
         index = {n: i for i, n in enumerate(mapping.concepts.names)}
-        self.root: dict[str, dict] = {}
+        self.root: dict[Hashable, dict] = {}
         for e in mapping.entries:
             words = [w for w in tokenize(e.phrase) if w.strip()]
             if not words:
                 continue
             node = self.root
             for w in words:
-                node = node.setdefault(w, {})
+                node = node.setdefault(key(w) if key else w, {})
             node.setdefault(_TERMINAL, index[e.concept])
 
     def _longest(self, tv: TokenView, i: int, end: int) -> tuple[int, int] | None:
@@ -169,7 +172,7 @@ class ConceptMatcher:
         stack: list[tuple[dict, int, int]] = [(self.root, i, 0)]
         while stack:
             node, j, exact = stack.pop()
-            if j > i and _TERMINAL in node and tv.pos[j - 1] in NOUN_POS:
+            if j > i and _TERMINAL in node and tv.noun[j - 1]:
                 cand = (j - i, exact, node[_TERMINAL])
                 if best is None or cand[:2] > best[:2]:
                     best = cand

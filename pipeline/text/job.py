@@ -106,7 +106,7 @@ class TagShard:
         if self._ready is None:
             c = self.config
             nlp = self._nlp if self._nlp is not None else load_spacy(c.spacy_model)
-            matcher = ConceptMatcher(c.mapping, lambda p: [t.lower_ for t in nlp.tokenizer(p)])
+            matcher = ConceptMatcher(c.mapping, lambda p: [t.lower_ for t in nlp.tokenizer(p)], key=nlp.vocab.strings.add)
             pipe = annotator(nlp) if c.fast_attribute_rules else nlp.pipe
             kw = {"max_sentence_chars": c.max_sentence_chars, "batch_size": c.batch_size, "n_process": c.n_process,
                   "pipe": pipe}

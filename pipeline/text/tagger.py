@@ -36,34 +36,53 @@ class SentenceTagger:
         self.batch_size = batch_size
         self.n_process = n_process
         self.skipped: Counter[str] = Counter()
+        self._lower_lemma: dict[int, int] = {}
+
+    def _keys(self, lemma_hashes: list[int]) -> list[int]:
+        """Hash of the lower-cased lemma (PROPN lemmas keep their case in spaCy)."""
+        out = []
+        low = self._lower_lemma
+        strings = self.nlp.vocab.strings
+        for h in lemma_hashes:
+            k = low.get(h)
+            if k is None:
+                text = strings[h] if h else ""
+                k = low[h] = strings.add(text.lower()) if text != text.lower() else h
+            out.append(k)
+        return out
 
     def _sentences(self, records: Iterable[Record]) -> Iterator[dict[str, Any]]:
+        from spacy.attrs import IDX, IS_SPACE, LEMMA, LENGTH, LOWER, POS
+        from spacy.symbols import NOUN, PROPN
+
         pairs = ((r.text, r) for r in records)
         kwargs: dict[str, Any] = {"batch_size": self.batch_size}
         if self.n_process > 1:
             kwargs["n_process"] = self.n_process
         for doc, rec in self.pipe(pairs, as_tuples=True, **kwargs):
-            lower = [t.lower_ for t in doc]
-            tv = TokenView(lower=lower, lemma=[t.lemma_.lower() for t in doc], pos=[t.pos_ for t in doc])
+            arr = doc.to_array([LOWER, LEMMA, POS, IDX, LENGTH, IS_SPACE]).tolist()
+            if not arr:
+                continue
+            lower, lemma, pos, idx, length, space = (list(c) for c in zip(*arr))
+            tv = TokenView(lower=lower, lemma=self._keys(lemma), noun=[p in (NOUN, PROPN) for p in pos])
             bounds = [(s.start, s.end) for s in doc.sents] if self.split else [(0, len(doc))]
             k = 0
             for a, b in bounds:
-                while a < b and doc[a].is_space:
+                while a < b and space[a]:
                     a += 1
-                while b > a and doc[b - 1].is_space:
+                while b > a and space[b - 1]:
                     b -= 1
                 if a == b:
                     continue
-                cs = doc[a].idx
-                ce = doc[b - 1].idx + len(doc[b - 1].text)
+                cs = idx[a]
+                ce = idx[b - 1] + length[b - 1]
                 text = doc.text[cs:ce]
                 sid = f"{rec.base_id}#{k}" if self.split else rec.base_id
                 k += 1
                 if len(text) > self.max_sentence_chars:
                     self.skipped[SENTENCE_TOO_LONG] += 1
                     continue
-                spans = [(doc[i].idx - cs, doc[j - 1].idx + len(doc[j - 1].text) - cs, c)
-                         for i, j, c in self.matcher.match(tv, a, b)]
+                spans = [(idx[i] - cs, idx[j - 1] + length[j - 1] - cs, c) for i, j, c in self.matcher.match(tv, a, b)]
                 yield {"id": sid, "text": text, "image_key": rec.image_key, "char_spans": spans}
 
     def tag(self, records: Iterable[Record], chunk: int = 1024) -> Iterator[dict[str, Any]]:
