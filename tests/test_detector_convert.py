@@ -136,6 +136,14 @@ def test_misshaped_key_fails_naming_it(cfg):
         convert_vinvl_checkpoint(src, cfg)
 
 
+def test_unshared_attribute_extractor_fails(cfg):
+    src = vinvl_state_dict()
+    key = "attribute.feature_extractor.head.layer4.0.conv1.weight"
+    src[key] = src[key] + 1
+    with pytest.raises(VlmixerError, match=key.replace(".", r"\.")):
+        convert_vinvl_checkpoint(src, cfg)
+
+
 def test_wrong_class_count_and_anchors_fail(cfg):
     src = vinvl_state_dict(n_cls=91)
     with pytest.raises(VlmixerError, match="cls_score"):

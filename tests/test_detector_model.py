@@ -115,6 +115,10 @@ def test_preprocess_sizes_and_bgr(detector, photos):
     small = np.zeros((224, 224, 3), np.uint8)
     small[..., 0] = 255  # red in RGB -> channel 2 in BGR
     t2, s2 = detector.preprocess(small)
+    from pipeline.detector import preprocess_image
+
+    t3, s3 = preprocess_image(photos[1], 224, 320)
+    assert s3 == scale and bool((t3 == t).all())
     assert s2 == 1.0 and int(t2[2].min()) == 255 and int(t2[0].max()) == 0
 
 

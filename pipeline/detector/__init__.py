@@ -8,6 +8,6 @@ from pipeline.detector._compat import ensure_detectron2
 
 ensure_detectron2(load=False)  # cheap: makes a later `import detectron2...` work on this install
 
-from pipeline.detector.api import Detections, Detector  # noqa: E402
+from pipeline.detector.api import Detections, Detector, preprocess_image  # noqa: E402
 
-__all__ = ["Detections", "Detector"]
+__all__ = ["Detections", "Detector", "preprocess_image"]

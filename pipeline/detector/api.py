@@ -58,6 +58,21 @@ def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple
     return max(int(size), 1), max(int(size * width / height), 1)
 
 
+def preprocess_image(image_rgb: np.ndarray, min_size: int, max_size: int) -> tuple[torch.Tensor, float]:
+    """HxWx3 uint8 RGB -> ((3,h,w) uint8 BGR tensor, scale h/H), resized like maskrcnn-benchmark
+    (PIL bilinear). CPU only and model-free, so Ray CPU tasks can run it; the tensor is uint8
+    to keep object-store traffic small. Pass the original (H, W) along to
+    `Detector.detect_preprocessed` for boxes in exact original pixels.
+    """
+    arr = _check_image(image_rgb)
+    h0, w0 = arr.shape[:2]
+    h, w = resized_size(h0, w0, min_size, max_size)
+    if (h, w) != (h0, w0):
+        arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.BILINEAR))
+    t = torch.from_numpy(np.ascontiguousarray(arr[:, :, ::-1].transpose(2, 0, 1)))
+    return t, h / h0
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -187,19 +202,11 @@ class Detector:
 
     # ------------------------------------------------------------------ inference
     def preprocess(self, image_rgb: np.ndarray) -> tuple[torch.Tensor, float]:
-        """HxWx3 uint8 RGB -> (3,h,w) uint8 BGR tensor resized per INPUT.MIN/MAX_SIZE_TEST, scale h/H.
+        """HxWx3 uint8 RGB -> ((3,h,w) uint8 BGR tensor resized per INPUT.MIN/MAX_SIZE_TEST, scale h/H).
 
-        CPU only, no model needed: Ray CPU tasks call it. Pass the original
-        (H, W) along to `detect_preprocessed` to get boxes in exact original
-        pixels; the scale alone gives them up to rounding of the resize.
+        See `preprocess_image` (the same without a model, for Ray CPU tasks).
         """
-        arr = _check_image(image_rgb)
-        h0, w0 = arr.shape[:2]
-        h, w = resized_size(h0, w0, int(self.cfg.INPUT.MIN_SIZE_TEST), int(self.cfg.INPUT.MAX_SIZE_TEST))
-        if (h, w) != (h0, w0):
-            arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.BILINEAR))
-        t = torch.from_numpy(np.ascontiguousarray(arr[:, :, ::-1].transpose(2, 0, 1)))
-        return t, h / h0
+        return preprocess_image(image_rgb, int(self.cfg.INPUT.MIN_SIZE_TEST), int(self.cfg.INPUT.MAX_SIZE_TEST))
 
     def __call__(self, images: list[np.ndarray]) -> list[Detections]:
         """Detect on HxWx3 uint8 RGB images, in batches of VLMIXER.BATCH_SIZE."""
