@@ -15,6 +15,7 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def linear_schedule(warmup: int, total: int):  # noqa: ANN201 - a LambdaLR lambda
+def linear_schedule(warmup: int, total: int) -> Callable[[int], float]:
     """Linear warmup from 0 to the peak over `warmup` steps, then linear decay to 0 at `total`."""
     def f(step: int) -> float:
         if step < warmup:

@@ -1,14 +1,16 @@
 """TAVP losses: masked tag modelling and masked-patch concept prediction (SPEC 5)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from trainer.masking import IGNORE
 
 
-def patch_concept_loss(logits_fn, patch_hidden: torch.Tensor, patch_labels: torch.Tensor
-                       ) -> tuple[torch.Tensor, int]:
+def patch_concept_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], patch_hidden: torch.Tensor,
+                       patch_labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Cross-entropy of masked patches' concepts from their output states (P, H) -> labels (P,)."""
     sel = patch_labels != IGNORE
     n = int(sel.sum())

@@ -1,6 +1,8 @@
 """VALP losses: MLM on the multi-modal sentence, CMCL between its two masked views (SPEC 5)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -8,7 +10,8 @@ from trainer.distributed import all_gather_with_grad, rank
 from trainer.masking import IGNORE
 
 
-def mlm_loss(logits_fn, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+def mlm_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor
+             ) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over labelled positions; the vocabulary projection runs on those only.
 
     Returns (loss, number of labelled positions); a batch with none gives a zero
