@@ -4,6 +4,9 @@ Stages, one module each:
   corpus.py       input formats (txt, jsonl, tsv, COCO captions) cut into shards with stable
                   names; bad lines become counted reasons, never exceptions
   spacy_model.py  which spaCy pipeline, loaded once per process (tagger + lemmatizer only)
+  attribute_rules.py  exact, faster stand-ins for spaCy's attribute ruler matching and
+                  lemmatizer loop (self-checked against the real pipeline at load)
+  resolve.py      user arguments -> concepts (file or gallery), mapping, checked up front
   concepts.py     the word -> concept mapping (explicit, TSV) and the longest-match matcher
   synonyms.py     WordNet synonyms for that mapping, versioned, with a stop-list
   wordpiece.py    the word-piece tokenizer (BERT uncased by default), resolved offline

@@ -99,7 +99,7 @@ def _vocab(args: argparse.Namespace) -> int:
 
     vocab = train_wordpiece(texts(), args.out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
                             lowercase=not args.cased)
-    n = sum(1 for _ in open(vocab, encoding="utf-8"))
+    n = len(vocab.read_text(encoding="utf-8").splitlines())
     print(f"{vocab}: {n} word-pieces; use it with --tokenizer {args.out}"
           + (f" (skipped {dict(skipped)})" if skipped else ""))
     return 0
