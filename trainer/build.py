@@ -7,6 +7,7 @@ DataLoader workers and open their files there.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,10 @@ def build_datasets(cfg: TrainConfig, stores: Stores) -> dict[str, torch.utils.da
     mask = stores.vocab.mask_spec(o.mlm_prob, o.mlm_mask_frac, o.mlm_random_frac)
     out: dict[str, torch.utils.data.Dataset] = {}
     if d.tavp_ratio < 1.0:
+        biggest = int(stores.gallery.concept_counts().max()) if len(stores.gallery.concepts) else 0
+        if cfg.cmc.k_shot == 0 and biggest > 100_000:
+            warnings.warn(f"cmc.k_shot=0 computes p_i over whole concept lists (up to {biggest:,} patches here) "
+                          "for every replaced word; mixing will be slow. The paper uses 15-shot.", stacklevel=2)
         out["valp"] = ValpDataset(corpus=TextCorpus(stores.texts, cache_shards=d.text_cache_shards),
                                   cmc=CrossModalCutMix.from_config(stores.gallery, cfg.cmc),
                                   vocab=stores.vocab, mask=mask, max_len=d.max_len_valp, seed=cfg.run.seed)
