@@ -36,7 +36,7 @@ from vlmixer.errors import StoreError
 
 FORMAT_NAME = "vlmixer-text"
 FORMAT_VERSION = 1
-_CHUNK = 1 << 16
+_CHUNK = 1 << 13  # elements: small enough that one sentence read decompresses little
 _COMPRESSION = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
