@@ -70,7 +70,7 @@ def photos(n: int, size: tuple[int, int]) -> list[np.ndarray]:
     import skimage.data
     from PIL import Image
 
-    names = ["astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "hubble_deep_field"]
+    names = ["astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry"]
     out = []
     for i in range(n):
         img = getattr(skimage.data, names[i % len(names)])()
