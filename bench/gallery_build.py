@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -150,11 +151,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--shard-size", type=int, default=16)
     ap.add_argument("--num-cpus", type=int, default=os.cpu_count() or 2, help="CPUs of the local Ray")
+    ap.add_argument("--cpu-workers", type=int, help="detector actors of the Ray job when there is no GPU")
     ap.add_argument("--rss-images", type=int, default=5000)
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--workdir", help="keep inputs and galleries here (default: a temporary directory)")
+    ap.add_argument("--loop-only", metavar="DIR", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.loop_only:
+        import torch
+
+        rate, wall = plain_loop(Path(a.loop_only), a.batch_size, a.threads or None)
+        print(rate, wall, a.threads or torch.get_num_threads())
+        return 0
     tmp = Path(a.workdir or tempfile.mkdtemp(prefix="bench_gallery_"))
     tmp.mkdir(parents=True, exist_ok=True)
     labelmap = write_labelmap(tmp / "labelmap.json")
@@ -164,20 +174,21 @@ def main(argv: list[str] | None = None) -> int:
         folder = tmp / "tp_images"
         if not folder.exists():
             make_images(folder, a.images, (320, 240))
-        import torch
-
         loops = {}
-        for threads in (None, 1):
-            loops[threads] = plain_loop(folder, a.batch_size, threads)
-            name = f"{threads or torch.get_num_threads()} torch thread(s)"
-            print(f"single-process loop : {loops[threads][0]:6.2f} images/s steady  (wall {loops[threads][1]:.1f} s, "
-                  f"{a.images} images, {name})", flush=True)
+        for threads in (0, 1):  # each in a fresh process: torch's thread pool is set up once per process
+            res = subprocess.run([sys.executable, __file__, "--loop-only", str(folder), "--threads", str(threads),
+                                  "--batch-size", str(a.batch_size)], capture_output=True, text=True, check=True)
+            rate, wall, used = res.stdout.strip().splitlines()[-1].split()
+            loops[threads] = (float(rate), float(wall))
+            print(f"single-process loop : {float(rate):6.2f} images/s steady  (wall {float(wall):.1f} s, "
+                  f"{a.images} images, {used} torch thread(s))", flush=True)
         loop_rate, loop_wall = max(loops.values())
         inp_rate, inp_wall, _, _ = build(folder, tmp / "g_inprocess", labelmap, TINY, ray_address="none",
                                          device="cpu", batch_size=a.batch_size, shard_size=a.shard_size)
         print(f"in-process build    : {inp_rate:6.2f} images/s steady  (wall {inp_wall:.1f} s)", flush=True)
         ray_rate, ray_wall, _, rep = build(folder, tmp / "g_ray", labelmap, TINY, ray_address="local",
-                                           num_cpus=a.num_cpus, batch_size=a.batch_size, shard_size=a.shard_size)
+                                           num_cpus=a.num_cpus, batch_size=a.batch_size, shard_size=a.shard_size,
+                                           cpu_workers=a.cpu_workers)
         print(f"Ray job (local)     : {ray_rate:6.2f} images/s steady  (wall {ray_wall:.1f} s incl. Ray start, "
               f"{rep.workers} detector actor(s))", flush=True)
         print(f"ratio Ray / best single-process loop: {ray_rate / loop_rate:.2f} (steady), "

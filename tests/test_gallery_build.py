@@ -44,11 +44,12 @@ def data(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def reference(data) -> tuple[Path, object]:
-    """The plain in-process run everything else is compared with."""
+    """The plain in-process run everything else is compared with. One torch thread, as in the
+    Ray actors here: results are then bitwise equal (more threads may change the last float bit)."""
     out = data["root"] / "ref"
     report = build_gallery(BuildOptions(images=str(data["images"]), detector=str(TINY_CONFIG), out=str(out),
                                         labelmap=str(data["labelmap"]), ray_address="none", device="cpu",
-                                        shard_size=3, batch_size=2, progress=False))
+                                        threads=1, shard_size=3, batch_size=2, progress=False))
     return out, report
 
 

@@ -53,6 +53,7 @@ class BuildOptions:
     batch_size: int = 8
     num_gpus_per_worker: float = 1.0
     cpu_workers: int | None = None  # detector actors when the cluster has no GPU
+    threads: int | None = None  # torch threads of a CPU detector (in-process, or each CPU actor)
     retry_failed: bool = False
     seed: int = 0
     device: str = "auto"  # in-process only; Ray actors use their GPU if they got one
@@ -140,6 +141,8 @@ def validate(opts: BuildOptions) -> None:
         raise VlmixerError("--shard-size and --batch-size must be >= 1")
     if opts.num_gpus_per_worker < 0:
         raise VlmixerError("--num-gpus-per-worker must be >= 0")
+    if opts.threads is not None and opts.threads < 1:
+        raise VlmixerError("--threads must be >= 1")
     if opts.cpu_workers is not None and opts.cpu_workers < 1:
         raise VlmixerError("--cpu-workers must be >= 1")
     if opts.device not in ("auto", "cpu", "cuda") and not opts.device.startswith("cuda:"):
@@ -342,7 +345,8 @@ def _extra(opts: BuildOptions, shard: Shard) -> dict[str, Any]:
 
 def _run_in_process(opts: BuildOptions, todo: list[Shard], progress: Progress, report: BuildReport) -> None:
     """The same callables as the Ray job, in a loop: for debugging and machines without Ray."""
-    runner = DetectorRunner(opts.detector, opts.weights, opts.device, factory=opts.detector_factory)
+    runner = DetectorRunner(opts.detector, opts.weights, opts.device, num_threads=opts.threads,
+                            factory=opts.detector_factory)
     info = runner.info()
     concepts, attributes = _vocabularies(opts, info)
     committer = ShardCommitter(str(opts.out), info["feature_dim"], concepts, attributes, _provenance(opts, info))
@@ -387,9 +391,14 @@ def _worker_plan(opts: BuildOptions, resources: dict[str, float]) -> tuple[int, 
     gpw = opts.num_gpus_per_worker
     if gpw > 0 and gpus >= gpw:
         return int(gpus // gpw), {"num_gpus": gpw, "num_cpus": 1}, 0
-    n = opts.cpu_workers or max(1, int(cpus // 4))
-    threads = max(1, int(cpus // (2 * n)))  # leave about half of the CPUs to decoding
-    return n, {"num_cpus": threads}, threads
+    # Without GPUs the detector is the bottleneck (decoding a small JPEG costs a few % of
+    # detecting on it), and torch scales worse over threads than over processes: many
+    # actors with 1-2 threads each, which together take about all CPUs.
+    threads = opts.threads or (1 if cpus <= 8 else 2)
+    n = opts.cpu_workers or max(1, int(cpus // threads))
+    # what Ray reserves per actor: never all CPUs, or no decode task could ever be scheduled
+    reserve = min(float(threads), max(0.1, (cpus - 1) / n))
+    return n, {"num_cpus": round(reserve, 2)}, threads
 
 
 class _RayDetector(DetectorRunner):

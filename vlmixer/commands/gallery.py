@@ -17,7 +17,7 @@ def _build(a: argparse.Namespace) -> int:
         images=a.images, detector=a.detector, out=a.out, weights=a.weights, image_root=a.image_root,
         labelmap=a.labelmap, vocab=a.vocab, ray_address=a.ray_address, num_cpus=a.num_cpus,
         shard_size=a.shard_size, batch_size=a.batch_size, num_gpus_per_worker=a.num_gpus_per_worker,
-        cpu_workers=a.cpu_workers, retry_failed=a.retry_failed, seed=a.seed, device=a.device,
+        cpu_workers=a.cpu_workers, threads=a.threads, retry_failed=a.retry_failed, seed=a.seed, device=a.device,
         strict_modes=a.strict_modes, max_pixels=a.max_pixels,
         progress=False if a.no_progress else None, max_listed=a.max_listed,
     )
@@ -70,7 +70,10 @@ def register(tree: CommandTree) -> None:
     p.add_argument("--num-gpus-per-worker", type=float, default=1.0, metavar="G",
                    help="GPUs per detector actor (default 1; 0.5 puts two on a GPU; 0 forces CPU actors)")
     p.add_argument("--cpu-workers", type=int, metavar="N",
-                   help="detector actors when there is no GPU (default: CPUs/4, at least 1)")
+                   help="detector actors when there is no GPU (default: one per CPU, 2 threads each above 8 CPUs)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch threads of a CPU detector (in-process, or each CPU actor); "
+                        "default: torch's own in-process, 1-2 per actor")
     p.add_argument("--retry-failed", action="store_true",
                    help="also re-run the images recorded as failed by earlier runs")
     p.add_argument("--seed", type=int, default=0, help="seed of the shard assignment (default 0)")
