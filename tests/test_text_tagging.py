@@ -242,6 +242,11 @@ def test_coco_tsv_and_jsonl_inputs(tmp_path, nlp, tokenizer):
     store, m = _tag(tmp_path, nlp, tokenizer, files=[tsv], out="tsv", field="caption", id_field="uid")
     assert [r["id"] for r in iter_dump_records(TextStoreReader(store))] == ["u1#0"]
     assert m["summary"]["skipped"] == {"malformed_tsv": 1}
+    bare = tmp_path / "bare.tsv"
+    bare.write_bytes(b"x1\tA horse.\r\nx2\tTwo dogs.\r\n")  # no header, CRLF
+    store, _ = _tag(tmp_path, nlp, tokenizer, files=[bare], out="bare", field="1", id_field="0", split="no")
+    assert [(r["id"], r["text"]) for r in iter_dump_records(TextStoreReader(store))] == [
+        ("x1", "A horse."), ("x2", "Two dogs.")]
     store, _ = _tag(tmp_path, nlp, tokenizer, files=[jl], out="jl", field="body", id_field="id")
     assert [(r["id"], r["text"]) for r in iter_dump_records(TextStoreReader(store))] == [
         ("d1#0", "A dog runs."), ("d1#1", "A man waits.")]
