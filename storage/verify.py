@@ -223,7 +223,7 @@ def gallery_info(root: str | Path) -> dict[str, Any]:
         "shards": sum(p.get("shards", 0) for p in g.manifest["parts"]),
         "size_on_disk_bytes": size,
         "bytes_per_patch": round(size / g.num_patches, 1) if g.num_patches else None,
-        "provenance": g.header.get("provenance", {}),
+        "provenance": _brief(g.header.get("provenance", {})),
     }
     g.close()
     return info
@@ -242,10 +242,19 @@ def text_info(root: str | Path) -> dict[str, Any]:
         "tokenizer": t.header.get("tokenizer"),
         "vocab_sha256": t.header.get("vocab_sha256"),
         "size_on_disk_bytes": dir_size(root),
-        "provenance": t.header.get("provenance", {}),
-        "bad_lines": t.manifest.get("bad_lines", {}),
+        "provenance": _brief(t.header.get("provenance", {})),
+        "summary": _brief(t.manifest.get("summary", {})),
     }
     return info
+
+
+def _brief(value: Any, limit: int = 20) -> Any:
+    """Long lists (a synonym mapping can hold 100k rows) are summarised, not dumped."""
+    if isinstance(value, list) and len(value) > limit:
+        return f"<{len(value)} entries>"
+    if isinstance(value, dict):
+        return {k: _brief(v, limit) for k, v in value.items()}
+    return value
 
 
 def format_info(info: dict[str, Any]) -> str:
