@@ -1,4 +1,4 @@
-"""Detector benchmarks: `python -m pipeline.detector.bench selection|detector ...`.
+"""Detector benchmarks: `python bench/detector.py selection|detector ...`.
 
 * selection: "NMS filter 1" vectorised (selection.py) vs the reference's
   per-class loop, on random score matrices (300 proposals x 1595 classes by
@@ -107,7 +107,7 @@ def bench_detector(config: str, device: str = "cpu", batch: int = 4, n_images: i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.detector.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python bench/detector.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
     s = sub.add_parser("selection")
