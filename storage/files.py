@@ -30,6 +30,22 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
 
 
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """A store's json header or manifest; missing or damaged is a StoreError naming the file."""
+    from vlmixer.errors import StoreError
+
+    p = Path(path)
+    if not p.exists():
+        raise StoreError(f"{p}: missing {what}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StoreError(f"{p}: corrupted {what} ({e})") from None
+    if not isinstance(data, dict):
+        raise StoreError(f"{p}: corrupted {what} (not a json object)")
+    return data
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -12,7 +12,6 @@ the page cache and nothing loads all features.
 from __future__ import annotations
 
 import bisect
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import msgpack
 import numpy as np
 
 from storage import gallery_format as fmt
-from storage.files import atomic_write_json
+from storage.files import atomic_write_json, read_json_object
 from storage.gallery_writer import check_format, list_parts, open_part_readonly
 from storage.lmdb_env import PID, release_env
 from storage.vocab import Vocabulary
@@ -56,18 +55,6 @@ class Patch:
     image: int  # global image index
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.exists():
-        raise StoreError(f"{path}: missing {what}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"{path}: corrupted {what} ({e})") from None
-    if not isinstance(data, dict):
-        raise StoreError(f"{path}: corrupted {what} (not a json object)")
-    return data
-
-
 def unpack_record(data: bytes | memoryview, where: str) -> dict[str, Any]:
     """Decode a msgpack record; anything else (pickle bytes included) is a StoreError, never executed."""
     try:
@@ -92,7 +79,7 @@ def finalize_gallery(root: str | Path) -> dict[str, Any]:
     never its features. Re-running it rebuilds the same index.
     """
     root = Path(root)
-    header = _read_json(root / "gallery.json", "gallery header")
+    header = read_json_object(root / "gallery.json", "gallery header")
     check_format(header, root / "gallery.json")
     n_concepts = len(header["concepts"])
     parts = list_parts(root)
@@ -205,9 +192,9 @@ class GalleryReader:
         self.root = Path(root)
         if not self.root.is_dir():
             raise StoreError(f"{self.root}: gallery directory does not exist")
-        self.manifest = _read_json(self.root / "manifest.json", "gallery manifest (was the build finished?)")
+        self.manifest = read_json_object(self.root / "manifest.json", "gallery manifest (was the build finished?)")
         check_format(self.manifest, self.root / "manifest.json")
-        self.header = _read_json(self.root / "gallery.json", "gallery header")
+        self.header = read_json_object(self.root / "gallery.json", "gallery header")
         check_format(self.header, self.root / "gallery.json")
         for k in ("images", "patches", "feature_dim", "parts", "concepts_sha256"):
             if k not in self.manifest:

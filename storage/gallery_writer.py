@@ -8,7 +8,6 @@ the transaction is aborted, the map doubled and the shard written again.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import msgpack
 import numpy as np
 
 from storage import gallery_format as fmt
-from storage.files import atomic_write_json
+from storage.files import atomic_write_json, read_json_object
 from storage.lmdb_env import open_env, release_env
 from storage.vocab import Vocabulary
 from vlmixer.errors import StoreError
@@ -249,10 +248,7 @@ def ensure_header(root: Path, header: dict[str, Any]) -> None:
     """Create `gallery.json`, or check an existing one describes the same gallery."""
     path = root / "gallery.json"
     if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise StoreError(f"{path}: corrupted gallery header ({e})") from None
+        old = read_json_object(path, "gallery header")
         check_format(old, path)
         for k in ("feature_dim", "block", "max_attrs", "concepts_sha256", "attributes_sha256"):
             if old.get(k) != header[k]:

@@ -30,7 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from storage.files import atomic_write_json, sha256_file
+from storage.files import atomic_write_json, read_json_object, sha256_file
 from storage.vocab import Vocabulary
 from vlmixer.errors import StoreError
 
@@ -66,18 +66,6 @@ def _check_format(meta: Mapping[str, Any], path: Path) -> None:
     if meta.get("version") != FORMAT_VERSION:
         raise StoreError(f"{path}: text store format version {meta.get('version')!r}, this vlmixer reads "
                          f"version {FORMAT_VERSION}; re-run `vlmixer text tag` or use a matching vlmixer")
-
-
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.exists():
-        raise StoreError(f"{path}: missing {what}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"{path}: corrupted {what} ({e})") from None
-    if not isinstance(data, dict):
-        raise StoreError(f"{path}: corrupted {what} (not a json object)")
-    return data
 
 
 def _ragged(chunks: Sequence[np.ndarray], dtype: str, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -122,7 +110,7 @@ class TextStoreWriter:
         }
         path = self.root / "store.json"
         if path.exists():
-            old = _read_json(path, "text store header")
+            old = read_json_object(path, "text store header")
             _check_format(old, path)
             for k in ("concepts_sha256", "vocab_sha256"):
                 if old.get(k) != header[k]:
@@ -200,7 +188,7 @@ class TextStoreWriter:
 
 def finalize_text_store(root: str | Path, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     root = Path(root)
-    header = _read_json(root / "store.json", "text store header")
+    header = read_json_object(root / "store.json", "text store header")
     _check_format(header, root / "store.json")
     shards = []
     total = 0
@@ -245,9 +233,9 @@ class TextStoreReader:
         self.root = Path(root)
         if not self.root.is_dir():
             raise StoreError(f"{self.root}: text store directory does not exist")
-        self.manifest = _read_json(self.root / "manifest.json", "text store manifest (was tagging finished?)")
+        self.manifest = read_json_object(self.root / "manifest.json", "text store manifest (was tagging finished?)")
         _check_format(self.manifest, self.root / "manifest.json")
-        self.header = _read_json(self.root / "store.json", "text store header")
+        self.header = read_json_object(self.root / "store.json", "text store header")
         _check_format(self.header, self.root / "store.json")
         for k in ("sentences", "shards", "concepts_sha256"):
             if k not in self.manifest:
