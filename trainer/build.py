@@ -8,7 +8,7 @@ DataLoader workers and open their files there.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ class Stores:
     texts: list[TextStoreReader]
     tavp_galleries: list[GalleryReader]
     vocab: WordPieceVocab
+    paired_texts: list[TextStoreReader] = field(default_factory=list)
 
 
 def open_stores(cfg: TrainConfig) -> Stores:
@@ -37,12 +38,14 @@ def open_stores(cfg: TrainConfig) -> Stores:
         raise ConfigError(f"model.feature_dim={cfg.model.feature_dim} but the gallery {d.gallery} stores "
                           f"{gallery.feature_dim}-d features")
     texts = [TextStoreReader(p, expect_concepts_sha256=sha) for p in d.text_stores]
-    vocab_file = d.vocab_file or (str(texts[0].vocab_file) if texts else "")
+    firsts = texts or [TextStoreReader(p) for p in d.paired_text_stores[:1]]
+    vocab_file = d.vocab_file or (str(firsts[0].vocab_file) if firsts else "")
     if not vocab_file:
         raise ConfigError("no word-piece vocabulary: set data.vocab_file or data.text_stores")
     vocab = WordPieceVocab.read(vocab_file)
     ref = Path(vocab_file).read_bytes()
-    for t in texts:
+    paired = [TextStoreReader(p, expect_concepts_sha256=sha) for p in d.paired_text_stores]
+    for t in texts + paired:
         if t.vocab_file.read_bytes() != ref:
             raise ConfigError(f"{t.root}: tokenised with another word-piece vocabulary than {vocab_file}; "
                               "all text stores must share the model's vocabulary")
@@ -50,15 +53,15 @@ def open_stores(cfg: TrainConfig) -> Stores:
     for g in tavp:
         if g.feature_dim != gallery.feature_dim:
             raise ConfigError(f"{g.root}: {g.feature_dim}-d features, the CMC gallery has {gallery.feature_dim}")
-    return Stores(gallery=gallery, texts=texts, tavp_galleries=tavp, vocab=vocab)
+    return Stores(gallery=gallery, texts=texts, tavp_galleries=tavp, vocab=vocab, paired_texts=paired)
 
 
 def build_datasets(cfg: TrainConfig, stores: Stores) -> dict[str, torch.utils.data.Dataset]:
-    """The datasets of the tasks the config trains ("valp" and/or "tavp")."""
+    """The datasets of the tasks the config trains ("valp", "tavp", "paired")."""
     o, d = cfg.objective, cfg.data
     mask = stores.vocab.mask_spec(o.mlm_prob, o.mlm_mask_frac, o.mlm_random_frac)
     out: dict[str, torch.utils.data.Dataset] = {}
-    if d.tavp_ratio < 1.0:
+    if d.tavp_ratio < 1.0 and d.paired_ratio < 1.0:
         biggest = int(stores.gallery.concept_counts().max()) if len(stores.gallery.concepts) else 0
         if cfg.cmc.k_shot == 0 and biggest > 100_000:
             warnings.warn(f"cmc.k_shot=0 computes p_i over whole concept lists (up to {biggest:,} patches here) "
@@ -66,9 +69,17 @@ def build_datasets(cfg: TrainConfig, stores: Stores) -> dict[str, torch.utils.da
         out["valp"] = ValpDataset(corpus=TextCorpus(stores.texts, cache_shards=d.text_cache_shards),
                                   cmc=CrossModalCutMix.from_config(stores.gallery, cfg.cmc),
                                   vocab=stores.vocab, mask=mask, max_len=d.max_len_valp, seed=cfg.run.seed)
-    if d.tavp_ratio > 0.0:
+    if d.tavp_ratio > 0.0 and d.paired_ratio < 1.0:
         pieces = concept_wordpieces(stores.vocab.path, stores.gallery.concepts.names)
         out["tavp"] = TavpDataset(galleries=stores.tavp_galleries, tag_pieces=pieces, vocab=stores.vocab, mask=mask,
                                   patch_mask_prob=o.patch_mask_prob, max_len=d.max_len_tavp,
                                   max_tag_tokens=d.max_tag_tokens, seed=cfg.run.seed)
+    if d.paired_ratio > 0.0:
+        from trainer.paired import PairedDataset, PairIndex
+
+        out["paired"] = PairedDataset(
+            corpus=TextCorpus(stores.paired_texts, cache_shards=d.text_cache_shards),
+            index=PairIndex(stores.paired_texts, stores.gallery), gallery=stores.gallery, vocab=stores.vocab,
+            tag_pieces=concept_wordpieces(stores.vocab.path, stores.gallery.concepts.names),
+            max_caption_tokens=d.max_caption_tokens, max_patches=d.max_patches, seed=cfg.run.seed)
     return out

@@ -40,6 +40,16 @@ class DataConfig:
     # text-store shards each loader process keeps in memory (tokens + spans, ~4 bytes a token),
     # least recently used first out; 0 = all of them
     text_cache_shards: int = 0
+    # text stores of captions paired with images of data.gallery by image key (`vlmixer text tag
+    # --format coco`): the "paired" task's (image, caption) pairs; sentences whose key is not in
+    # the gallery are skipped
+    paired_text_stores: list[str] = field(default_factory=list)
+    # fraction of optimiser steps that train the paired task (objective.paired); of the other steps
+    # tavp_ratio train TAVP and the rest VALP. 0 = no paired task
+    paired_ratio: float = 0.0
+    # paired task: at most this many caption word-pieces (then [CLS]/[SEP]) and image patches per input
+    max_caption_tokens: int = 40
+    max_patches: int = 36
 
 
 @dataclass
@@ -88,6 +98,22 @@ class ObjectiveConfig:
     patch_weight: float = 1.0
     # fraction of TAVP patches masked (feature zeroed) and predicted as their concept
     patch_mask_prob: float = 0.15
+    # objectives of the related systems, trained on the paired task: name -> loss weight (0 = off).
+    # ALBEF: itc (momentum ITC + distillation), itm (hard negatives); TCL: imc, lmi (with itc);
+    # X-VLM: box (L1 + GIoU of a concept's patch box from its text), concept_itc, concept_itm
+    paired: dict[str, float] = field(default_factory=dict)
+    # ITC/IMC/LMI temperature (ALBEF: 0.07)
+    itc_tau: float = 0.07
+    # EMA coefficient of the momentum model (ALBEF: 0.995)
+    momentum: float = 0.995
+    # momentum features kept per modality for ITC/IMC negatives (ALBEF: 65536; 0 = in-batch only)
+    queue_size: int = 65536
+    # momentum distillation: weight of the momentum model's soft targets against one-hot (ALBEF: 0.4)
+    distill_alpha: float = 0.4
+    # TCL's visual augmentation of the paired image: Gaussian feature noise (x each feature's std)
+    # and the probability of dropping a patch; 0 = off (text views differ by dropout)
+    aug_feature_noise: float = 0.0
+    aug_patch_drop: float = 0.0
 
 
 @dataclass
@@ -147,8 +173,8 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     d, c, o, op, r = cfg.data, cfg.cmc, cfg.objective, cfg.optim, cfg.run
     if not 0.0 <= d.tavp_ratio <= 1.0:
         raise ConfigError(f"data.tavp_ratio={d.tavp_ratio}: must be in [0, 1]")
-    if d.tavp_ratio < 1.0 and not d.text_stores:
-        raise ConfigError("data.text_stores is empty but VALP is on (data.tavp_ratio < 1)")
+    if d.tavp_ratio < 1.0 and d.paired_ratio < 1.0 and not d.text_stores:
+        raise ConfigError("data.text_stores is empty but VALP is on (data.tavp_ratio < 1 and data.paired_ratio < 1)")
     if not d.gallery:
         raise ConfigError("data.gallery: a patch gallery is required (CMC draws patches from it)")
     if d.tavp_ratio > 0 and not d.vocab_file and not d.text_stores:
@@ -181,9 +207,38 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
     if op.batch_size % (world_size * op.grad_accum):
         raise ConfigError(f"optim.batch_size={op.batch_size} is not divisible by world_size ({world_size}) "
                           f"x optim.grad_accum ({op.grad_accum})")
+    _validate_paired(cfg)
     if r.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"run.device={r.device!r}: auto, cpu or cuda")
     if r.precision not in ("bf16", "fp32"):
         raise ConfigError(f"run.precision={r.precision!r}: bf16 or fp32")
     if r.ckpt_every < 1 or r.log_every < 1 or r.keep_last < 0 or r.stop_at_step < 0:
         raise ConfigError("run: ckpt_every >= 1, log_every >= 1, keep_last >= 0, stop_at_step >= 0 required")
+
+
+PAIRED_OBJECTIVES = ("itc", "itm", "imc", "lmi", "box", "concept_itc", "concept_itm")
+MOMENTUM_OBJECTIVES = ("itc", "imc", "lmi")  # these need the EMA model (and, but lmi, the queues)
+
+
+def _validate_paired(cfg: TrainConfig) -> None:
+    d, o = cfg.data, cfg.objective
+    if not 0.0 <= d.paired_ratio <= 1.0:
+        raise ConfigError(f"data.paired_ratio={d.paired_ratio}: must be in [0, 1]")
+    for name, w in o.paired.items():
+        if name not in PAIRED_OBJECTIVES:
+            raise ConfigError(f"objective.paired.{name}: unknown objective (known: {', '.join(PAIRED_OBJECTIVES)})")
+        if w < 0:
+            raise ConfigError(f"objective.paired.{name}={w}: a weight is >= 0")
+    on = [n for n, w in o.paired.items() if w > 0]
+    if d.paired_ratio > 0 and not on:
+        raise ConfigError("data.paired_ratio > 0 but no objective.paired weight is > 0")
+    if on and d.paired_ratio == 0:
+        raise ConfigError(f"objective.paired turns on {on} but data.paired_ratio=0 never trains them")
+    if d.paired_ratio > 0 and not d.paired_text_stores:
+        raise ConfigError("data.paired_ratio > 0 needs data.paired_text_stores (captions with image keys)")
+    if d.max_caption_tokens < 1 or d.max_patches < 1:
+        raise ConfigError("data.max_caption_tokens and data.max_patches must be >= 1")
+    if o.itc_tau <= 0 or not 0 <= o.momentum < 1 or o.queue_size < 0 or not 0 <= o.distill_alpha <= 1:
+        raise ConfigError("objective: itc_tau > 0, momentum in [0, 1), queue_size >= 0, distill_alpha in [0, 1]")
+    if o.aug_feature_noise < 0 or not 0 <= o.aug_patch_drop < 1:
+        raise ConfigError("objective.aug_feature_noise >= 0 and aug_patch_drop in [0, 1) required")

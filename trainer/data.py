@@ -36,6 +36,7 @@ from vlmixer.errors import ConfigError, VlmixerError
 VALP_SALT = 0x56414C50  # "VALP": separates the random streams of the two tasks
 TAVP_SALT = 0x54415650
 SCHEDULE_SALT = 0x5343
+_TASK_SALTS = {"valp": VALP_SALT, "tavp": TAVP_SALT, "paired": 0x50414952}  # paired: trainer.paired.PAIRED_SALT
 
 
 # -- word-piece vocabulary -----------------------------------------------------------------
@@ -379,8 +380,20 @@ class ResumableBatchSampler:
             k += 1
 
 
-def task_for_step(seed: int, step: int, tavp_ratio: float) -> str:
-    """Which task optimiser step `step` trains; the same on every rank and after a resume."""
+PAIRED_SCHEDULE_SALT = 0x5350
+
+
+def task_for_step(seed: int, step: int, tavp_ratio: float, paired_ratio: float = 0.0) -> str:
+    """Which task optimiser step `step` trains; the same on every rank and after a resume.
+
+    A fraction `paired_ratio` of steps train the paired task (its own draw,
+    so with 0 the VALP/TAVP schedule is exactly what it was without it);
+    of the others `tavp_ratio` train TAVP.
+    """
+    if paired_ratio > 0.0:
+        u = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, PAIRED_SCHEDULE_SALT, step]))).random()
+        if paired_ratio >= 1.0 or u < paired_ratio:
+            return "paired"
     if tavp_ratio <= 0.0:
         return "valp"
     if tavp_ratio >= 1.0:
@@ -399,11 +412,11 @@ class TaskLoaders:
         self.consumed = {t: int((consumed or {}).get(t, 0)) for t in datasets}
         self.samplers = {
             t: ResumableBatchSampler(size=len(ds), micro_batch=micro_batch, rank=rank, world_size=world_size,
-                                     seed=seed, salt=VALP_SALT if t == "valp" else TAVP_SALT,
+                                     seed=seed, salt=_TASK_SALTS.get(t, TAVP_SALT),
                                      start=self.consumed[t])
             for t, ds in datasets.items()
         }
-        self._kw = dict(num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate)
+        self._kw = dict(num_workers=num_workers, pin_memory=pin_memory)
         if num_workers:
             self._kw.update(prefetch_factor=prefetch_factor, persistent_workers=True)
         self._iters: dict[str, Iterator[dict[str, torch.Tensor]]] = {}
@@ -420,8 +433,9 @@ class TaskLoaders:
                         release()
             # a private generator: creating the iterator must not draw from torch's global RNG,
             # or a resumed run's dropout stream would differ from an uninterrupted one
-            loader = torch.utils.data.DataLoader(self.datasets[task], batch_sampler=self.samplers[task],
-                                                 generator=torch.Generator(), **self._kw)
+            ds = self.datasets[task]
+            loader = torch.utils.data.DataLoader(ds, batch_sampler=self.samplers[task], generator=torch.Generator(),
+                                                 collate_fn=getattr(ds, "collate_fn", collate), **self._kw)
             it = self._iters[task] = iter(loader)
         batch = next(it)
         self.consumed[task] += 1

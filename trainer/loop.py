@@ -172,9 +172,11 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
     torch.manual_seed(cfg.run.seed)  # identical init on every rank (DDP also broadcasts rank 0's)
     model = VLMixerModel.from_config(cfg.model, vocab_size=stores.vocab.size,
                                      num_concepts=len(stores.gallery.concepts)).to(info.device)
-    longest = max(cfg.data.max_len_valp, cfg.data.max_len_tavp)
+    longest = max(cfg.data.max_len_valp, cfg.data.max_len_tavp,
+                  cfg.data.max_caption_tokens + cfg.data.max_patches + 3 if cfg.data.paired_ratio > 0 else 0)
     if longest > model.config.max_position_embeddings:
-        raise ConfigError(f"data.max_len_valp/max_len_tavp reach {longest} tokens but the model has "
+        raise ConfigError(f"data.max_len_valp/max_len_tavp (or the paired task's max_caption_tokens + "
+                          f"max_patches + 3) reach {longest} tokens but the model has "
                           f"{model.config.max_position_embeddings} position embeddings")
     pre = Pretrainer(model=model, objective=cfg.objective)
     net: torch.nn.Module = pre
@@ -183,13 +185,16 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
         net = DDP(pre, device_ids=[info.device.index] if info.device.type == "cuda" else None,
                   find_unused_parameters=True)
     op = cfg.optim
-    opt = torch.optim.AdamW(_param_groups(model, op.weight_decay), lr=op.lr, betas=tuple(op.betas), eps=op.eps,
+    # pre's parameters: the model's first (same order as before the paired heads existed), then the
+    # paired task's heads; the momentum model is frozen and stays out
+    opt = torch.optim.AdamW(_param_groups(pre, op.weight_decay), lr=op.lr, betas=tuple(op.betas), eps=op.eps,
                             fused=info.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, linear_schedule(op.warmup_steps, op.total_steps))
     start_step = 0
     consumed: dict[str, int] = {}
     if state is not None:
         model.load_state_dict(state["model"])
+        pre.load_extra_state(state.get("objectives", {}))
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start_step = int(state["step"])
@@ -214,7 +219,7 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
     try:
         for step in range(start_step + 1, op.total_steps + 1):
             t0 = time.perf_counter()
-            task = task_for_step(cfg.run.seed, step, cfg.data.tavp_ratio)
+            task = task_for_step(cfg.run.seed, step, cfg.data.tavp_ratio, cfg.data.paired_ratio)
             net.train()
             sums: dict[str, torch.Tensor] = {}
             t_data = 0.0
@@ -239,7 +244,7 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
                 for n, v in res.items():
                     sums[n] = sums.get(n, 0) + v.detach().float() / op.grad_accum
             clip = op.clip_grad_norm if op.clip_grad_norm > 0 else math.inf
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            gnorm = torch.nn.utils.clip_grad_norm_(pre.parameters(), clip)
             if tdist.all_reduce_flag(not bool(torch.isfinite(gnorm).item()), info.device):
                 raise TrainingDiverged(f"training stopped at step {step}: the gradient norm is not finite "
                                        f"({float(gnorm)}). Last checkpoint: {last_ckpt or 'none'}. Lower optim.lr.")
@@ -266,7 +271,8 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
                     rngs = gathered
                 if info.is_main:
                     last_ckpt = save_checkpoint(out, step, {
-                        "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "model": model.state_dict(), "objectives": pre.extra_state(),
+                        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "step": step, "consumed": loaders.state_dict(), "rng": rngs, "config": to_dict(cfg),
                         "world_size": info.world_size,
                     }, keep_last=cfg.run.keep_last)

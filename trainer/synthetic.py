@@ -17,6 +17,16 @@ from storage.gallery_writer import GalleryWriter
 from storage.textstore import TextStoreWriter
 from storage.vocab import Vocabulary
 
+# overrides that shrink any configs/pretrain/*.yaml to a CPU smoke run on `tiny_stores`/`paired_stores`
+# (feature_dim 64): a 2-layer 64-wide random BERT, batch 16, short inputs, small queues
+TINY_OVERRIDES = [
+    "model.pretrained=", "model.bert={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
+    "intermediate_size: 128, max_position_embeddings: 128, vocab_size: 0}",
+    "model.feature_dim=64", "model.proj_dim=32", "optim.lr=1.0e-3", "optim.batch_size=16", "optim.warmup_steps=10",
+    "run.device=cpu", "run.precision=fp32", "run.progress=false", "run.ckpt_every=1000", "run.log_every=1",
+    "data.num_workers=0", "data.max_len_tavp=48", "data.max_tag_tokens=16", "data.max_caption_tokens=24",
+    "data.max_patches=8", "cmc.k_shot=4", "objective.queue_size=64",
+]
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CONCEPTS = ["dog", "cat", "ball", "tree", "car", "traffic light", "man", "frisbee", "bench", "zebra"]
 WORDS = ["a", "the", "runs", "with", "near", "in", "park", "sits", "on", "street", "and", "next", "to", "big",
@@ -70,8 +80,11 @@ def write_gallery(root: str | Path, concepts: Sequence[str], images: Sequence[Se
 
 
 def write_text_store(root: str | Path, concepts: Sequence[str], vocab_file: str | Path,
-                     sentences: Sequence[tuple[str, Sequence[tuple[int, int, int]]]], shard_size: int = 0) -> Path:
-    """Sentences as (text, [(char_start, char_end, concept), ...]); word-pieces by the vocab's tokenizer."""
+                     sentences: Sequence[tuple[str, Sequence[tuple[int, int, int]]]], shard_size: int = 0,
+                     image_keys: Sequence[str] | None = None) -> Path:
+    """Sentences as (text, [(char_start, char_end, concept), ...]); word-pieces by the vocab's tokenizer.
+
+    `image_keys` (one per sentence) pairs sentences with gallery images, as `--format coco` does."""
     from tokenizers import BertWordPieceTokenizer
 
     tok = BertWordPieceTokenizer(str(vocab_file), lowercase=True)
@@ -85,7 +98,8 @@ def write_text_store(root: str | Path, concepts: Sequence[str], vocab_file: str 
         for cs, ce, concept in grounded:
             inside = np.flatnonzero((offs[:, 0] >= cs) & (offs[:, 1] <= ce))
             spans.append((cs, ce, int(inside[0]), int(inside[-1]) + 1, concept))
-        rows.append({"id": f"s{i}", "text": text, "tokens": enc.ids, "token_chars": offs, "spans": spans})
+        rows.append({"id": f"s{i}", "text": text, "tokens": enc.ids, "token_chars": offs, "spans": spans,
+                     "image_key": image_keys[i] if image_keys is not None else ""})
     step = shard_size or len(rows) or 1
     for k in range(0, max(len(rows), 1), step):
         writer.write_shard(f"shard{k // step:05d}", rows[k: k + step])
@@ -93,15 +107,20 @@ def write_text_store(root: str | Path, concepts: Sequence[str], vocab_file: str 
     return Path(root)
 
 
-def random_sentences(n: int, concepts: Sequence[str] = CONCEPTS, seed: int = 0
-                     ) -> list[tuple[str, list[tuple[int, int, int]]]]:
-    """Template sentences grounding 1-3 concepts each (never the same concept twice in one)."""
+def random_sentences(n: int, concepts: Sequence[str] = CONCEPTS, seed: int = 0,
+                     among: Sequence[Sequence[int]] | None = None) -> list[tuple[str, list[tuple[int, int, int]]]]:
+    """Template sentences grounding 1-3 concepts each (never the same concept twice in one).
+
+    With `among`, sentence i names only concepts of among[i] (a paired image's), using a template
+    with at most that many slots."""
     rng = np.random.default_rng(seed)
     out = []
-    for _ in range(n):
-        t = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
+    for i in range(n):
+        pool = np.arange(len(concepts)) if among is None else np.asarray(among[i], dtype=np.int64)
+        fits = [t for t in _TEMPLATES if t.count("{") <= len(pool)]
+        t = fits[int(rng.integers(len(fits)))]
         k = t.count("{")
-        cs = rng.choice(len(concepts), size=k, replace=False)
+        cs = pool[rng.choice(len(pool), size=k, replace=False)]
         text, spans = "", []
         parts = t.split("{")
         text = parts[0]
@@ -129,4 +148,26 @@ def tiny_stores(root: str | Path, *, n_images: int = 48, n_sentences: int = 256,
     vocab = write_vocab(root / "vocab.txt")
     text = write_text_store(root / "text", CONCEPTS, vocab, random_sentences(n_sentences, seed=seed),
                             shard_size=shard_size)
+    return gallery, text
+
+
+def paired_stores(root: str | Path, *, n_images: int = 32, captions_per_image: int = 3, feature_dim: int = 64,
+                  seed: int = 0, noise: float = 0.5) -> tuple[Path, Path]:
+    """(gallery, caption store) for the paired task: image `imgI` shows 3 distinct concepts (one patch
+    each) and its captions, keyed `imgI`, name 1-3 of them. So a caption identifies its image up to the
+    other images sharing those concepts: retrieval has a known right answer and a known ceiling."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    with_patches = len(CONCEPTS) - 1
+    images, shows = [], []
+    for _ in range(n_images):
+        cs = rng.choice(with_patches, size=3, replace=False)
+        shows.append([int(c) for c in cs])
+        images.append([(int(c), float(rng.uniform(0.5, 1.0))) for c in cs])
+    gallery = write_gallery(root / "gallery", CONCEPTS, images, feature_dim=feature_dim, seed=seed, noise=noise)
+    vocab = write_vocab(root / "vocab.txt")
+    among = [shows[i] for i in range(n_images) for _ in range(captions_per_image)]
+    keys = [f"img{i}" for i in range(n_images) for _ in range(captions_per_image)]
+    text = write_text_store(root / "captions", CONCEPTS, vocab,
+                            random_sentences(len(keys), seed=seed + 1, among=among), image_keys=keys)
     return gallery, text

@@ -1,7 +1,8 @@
 """Pre-training objectives, computed inside one module's forward so DDP sees one graph.
 
 `Pretrainer(batch, task)` encodes a batch and returns the weighted total
-and each term, for the task of the step ("valp" or "tavp").
+and each term, for the task of the step ("valp", "tavp", or "paired": the
+related systems' objectives of `objective.paired`, see `paired.py`).
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from torch import nn
 
 from trainer.config import ObjectiveConfig
 from trainer.model import VLMixerModel
+from trainer.objectives.paired import PairedObjectives
 from trainer.objectives.tavp import patch_concept_loss
 from trainer.objectives.valp import cmcl_loss, mlm_loss
 
-TASKS = ("valp", "tavp")
+TASKS = ("valp", "tavp", "paired")
 
 
 class Pretrainer(nn.Module):
@@ -21,6 +23,23 @@ class Pretrainer(nn.Module):
         super().__init__()
         self.model = model
         self.obj = objective
+        # registered only when used, so VALP/TAVP-only runs keep their parameter list and checkpoints
+        self.paired = PairedObjectives(model=model, objective=objective) \
+            if any(w > 0 for w in objective.paired.values()) else None
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint needs beyond the model: paired heads, momentum model, queues."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        mine = self.extra_state()
+        if set(state) != set(mine):
+            from vlmixer.errors import VlmixerError
+
+            raise VlmixerError(f"checkpoint objective state has {sorted(set(state) ^ set(mine))[:3]} that this "
+                               "config does not (or the reverse): resume with the checkpoint's objective.paired")
+        for k, v in state.items():
+            mine[k].copy_(v)
 
     def forward(self, batch: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
         enc = self.model.encode(batch)
@@ -40,4 +59,6 @@ class Pretrainer(nn.Module):
             total = o.tag_weight * tag + o.patch_weight * pc
             return {"loss": total, "tag": tag.detach(), "patch": pc.detach(),
                     "tag_tokens": torch.tensor(float(n_tag)), "patch_targets": torch.tensor(float(n_pc))}
+        if task == "paired" and self.paired is not None:
+            return self.paired(self.model, batch)
         raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")

@@ -1,0 +1,220 @@
+"""The paired task: (image, caption) rows from a gallery and a keyed text store, fused inputs, gradient
+flow (heads and encoder train, the momentum model never), checkpoint/resume of the momentum state, and
+the four configs/pretrain/*_paired.yaml + vlmixer_plus_itc.yaml on tiny stores."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from storage.gallery import GalleryReader
+from storage.textstore import TextStoreReader
+from trainer.config import ModelConfig, ObjectiveConfig
+from trainer.data import TextCorpus, WordPieceVocab, concept_wordpieces, task_for_step
+from trainer.loop import load_train_config, train
+from trainer.model import VLMixerModel
+from trainer.objectives import Pretrainer
+from trainer.paired import PairedDataset, PairIndex, collate_paired, fuse, select_rows
+from trainer.synthetic import CONCEPTS, TINY_OVERRIDES, paired_stores, tiny_stores
+from vlmixer.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "max_position_embeddings": 64, "vocab_size": 0, "hidden_dropout_prob": 0.1,
+             "attention_probs_dropout_prob": 0.0}
+ALL = {"itc": 1.0, "itm": 1.0, "imc": 1.0, "lmi": 1.0, "box": 1.0, "concept_itc": 1.0, "concept_itm": 1.0}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():  # noqa: ANN201
+    """2 shared cores: one thread per test process."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return paired_stores(tmp_path_factory.mktemp("paired"), n_images=24, captions_per_image=2, feature_dim=16)
+
+
+def dataset(stores: tuple[Path, Path], max_patches: int = 8) -> PairedDataset:
+    g, t = GalleryReader(stores[0]), TextStoreReader(stores[1])
+    vocab = WordPieceVocab.read(t.vocab_file)
+    return PairedDataset(corpus=TextCorpus([t]), index=PairIndex([t], g), gallery=g, vocab=vocab,
+                         tag_pieces=concept_wordpieces(vocab.path, CONCEPTS), max_caption_tokens=24,
+                         max_patches=max_patches, seed=0)
+
+
+def test_pairs_link_captions_to_their_images(stores: tuple[Path, Path]) -> None:
+    ds = dataset(stores)
+    g, t = ds.gallery, ds.corpus.readers[0]
+    assert len(ds) == 48 and ds.index.skipped == 0
+    for i in (0, 7, 47):
+        s = t.sentence(int(ds.index.sentence[i]))
+        assert g.image(int(ds.index.image[i])).key == s.image_key
+        ex = ds[(0, i)]
+        text, image, ctext, cpatch = ex.rows
+        assert text.ids[1:-1].tolist() == s.tokens.tolist()
+        pids = list(g.image_patches(int(ds.index.image[i])))
+        assert np.array_equal(image.feats, g.features(pids)) and int(image.is_patch.sum()) == len(pids)
+        # the concept is a grounded word of the caption whose concept the image shows; its patch's box
+        assert ex.has_box and ex.concept in [sp.concept for sp in s.spans]
+        pid = [p for p in pids if g.patch(p).concept == ex.concept][0]
+        p = g.patch(pid)
+        x1, y1, x2, y2 = p.box / np.array([p.width, p.height, p.width, p.height])
+        assert ex.box == pytest.approx([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], abs=1e-6)
+        assert np.array_equal(cpatch.feats, g.features([pid]))
+        span = [sp for sp in s.spans if sp.concept == ex.concept][0]
+        assert ctext.ids[1:-1].tolist() == s.tokens[span.tok_start: span.tok_end].tolist()
+    # a caption keyed to no gallery image is skipped, and the count says so
+    assert PairIndex([t], GalleryReader(stores[0])).skipped == 0
+
+
+def test_fuse_and_select_rows(stores: tuple[Path, Path]) -> None:
+    ds = dataset(stores)
+    batch = collate_paired([ds[(0, i)] for i in range(4)])
+    B = 4
+    f = fuse(batch, [0, 2], [B + 1, B + 3])  # caption 0 with image 1, caption 2 with image 3
+    for r, (a, b) in enumerate([(0, 1), (2, 3)]):
+        text = batch["input_ids"][a, : int(batch["attention_mask"][a].sum())]
+        n_img = int(batch["attention_mask"][B + b].sum())
+        n = len(text) + n_img - 1
+        assert f["input_ids"][r, : len(text)].tolist() == text.tolist()
+        assert f["position_ids"][r, :n].tolist() == list(range(n))
+        assert f["token_type_ids"][r, :n].tolist() == [0] * len(text) + [1] * (n_img - 1)
+        assert int(f["attention_mask"][r].sum()) == n
+    sub = select_rows(batch, [B + 1, B + 3])
+    assert torch.equal(f["patch_feats"], sub["patch_feats"])  # the fused rows carry exactly those images
+    assert int(f["is_patch"].sum()) == sub["patch_feats"].shape[0]
+
+
+def make_pre(vocab_size: int, paired: dict[str, float], **obj: float) -> Pretrainer:
+    torch.manual_seed(0)
+    model = VLMixerModel.from_config(ModelConfig(bert=dict(TINY_BERT), feature_dim=16, proj_dim=8),
+                                     vocab_size=vocab_size, num_concepts=len(CONCEPTS))
+    return Pretrainer(model=model, objective=ObjectiveConfig(paired=paired, queue_size=8, **obj))
+
+
+@pytest.mark.parametrize("name", sorted(ALL))
+def test_each_objective_trains_its_parameters_and_never_the_momentum_model(stores: tuple[Path, Path],
+                                                                           name: str) -> None:
+    ds = dataset(stores)
+    batch = collate_paired([ds[(0, i)] for i in range(6)])
+    pre = make_pre(ds.vocab.size, {name: 1.0}, aug_feature_noise=0.1, aug_patch_drop=0.2)
+    pre.train()
+    out = pre(batch, "paired")
+    assert torch.isfinite(out["loss"]) and float(out[name]) > 0
+    out["loss"].backward()
+    m, p = pre.model, pre.paired
+    assert m.bert.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    assert m.patch_embed.feature.weight.grad.abs().sum() > 0  # patches feed every objective
+    if name in ("itc", "imc", "lmi", "concept_itc"):
+        assert m.cmcl_proj.weight.grad.abs().sum() > 0  # contrast goes through the projection
+    if name in ("itm", "concept_itm"):
+        assert p.itm_head.fc.weight.grad.abs().sum() > 0
+    if name == "box":
+        assert p.box_head.mlp[0].weight.grad.abs().sum() > 0 and m.cmcl_proj.weight.grad is None
+    if p.momentum is not None:
+        assert all(q.grad is None and not q.requires_grad for q in p.momentum.parameters())
+        opt_params = {id(q) for q in pre.parameters() if q.requires_grad}
+        assert not any(id(q) in opt_params for q in p.momentum.parameters())
+
+
+def test_momentum_model_follows_the_ema_and_queue_fills(stores: tuple[Path, Path]) -> None:
+    ds = dataset(stores)
+    pre = make_pre(ds.vocab.size, {"itc": 1.0}, momentum=0.5)
+    opt = torch.optim.SGD([q for q in pre.parameters() if q.requires_grad], lr=0.5)
+    pre.train()
+    w = lambda mod: mod.bert.encoder.layer[0].output.dense.weight.detach().clone()  # noqa: E731
+    assert torch.equal(w(pre.model), w(pre.paired.momentum))
+    pre(collate_paired([ds[(0, i)] for i in range(4)]), "paired")["loss"].backward()
+    opt.step()
+    online_1, mom_0 = w(pre.model), w(pre.paired.momentum)
+    assert not torch.equal(online_1, mom_0)
+    queue_before = pre.paired.txt_queue.feats.clone()
+    pre(collate_paired([ds[(0, i)] for i in range(4, 8)]), "paired")
+    assert torch.allclose(w(pre.paired.momentum), 0.5 * mom_0 + 0.5 * online_1, atol=1e-7)
+    assert int(pre.paired.txt_queue.ptr) == 0 and not torch.equal(pre.paired.txt_queue.feats[4:], queue_before[4:])
+    # eval (retrieval) never updates the momentum model or the queues
+    pre.eval()
+    with torch.no_grad():
+        pre(collate_paired([ds[(0, i)] for i in range(4)]), "paired")
+    assert int(pre.paired.txt_queue.ptr) == 0 and torch.allclose(w(pre.paired.momentum),
+                                                                   0.5 * mom_0 + 0.5 * online_1, atol=1e-7)
+
+
+def test_schedule_and_config_checks() -> None:
+    tasks = [task_for_step(0, s, 0.5, 0.25) for s in range(1, 2001)]
+    assert abs(tasks.count("paired") / 2000 - 0.25) < 0.04 and abs(tasks.count("tavp") / 2000 - 0.375) < 0.04
+    # without a paired task the VALP/TAVP schedule is exactly what it was
+    assert [task_for_step(3, s, 0.3) for s in range(50)] == [task_for_step(3, s, 0.3, 0.0) for s in range(50)]
+    base = [*TINY_OVERRIDES, "data.gallery=G", "data.paired_text_stores=[T]"]
+    from trainer.config import validate
+
+    with pytest.raises(ConfigError, match="objective.paired.itx: unknown"):
+        validate(load_train_config(CONFIGS / "albef_paired.yaml", [*base, "objective.paired={itx: 1.0}"]))
+    with pytest.raises(ConfigError, match="never trains them"):
+        validate(load_train_config(CONFIGS / "albef_paired.yaml", [*base, "data.paired_ratio=0", "data.text_stores=[T]"]))
+    with pytest.raises(ConfigError, match="paired_text_stores"):
+        validate(load_train_config(CONFIGS / "albef_paired.yaml", [*TINY_OVERRIDES, "data.gallery=G"]))
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+@pytest.fixture(scope="module")
+def run_stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    g, t = paired_stores(root / "p", n_images=32, captions_per_image=3, feature_dim=64)
+    _, u = tiny_stores(root / "u", n_images=8, n_sentences=64, feature_dim=64)
+    return g, t, u
+
+
+def run_config(name: str, stores: tuple[Path, Path, Path], out: Path, steps: int, *extra: str) -> list[dict]:
+    g, t, u = stores
+    ov = [*TINY_OVERRIDES, f"data.gallery={g}", f"data.paired_text_stores=[{t}]", f"run.out_dir={out}",
+          f"optim.total_steps={steps}", f"data.text_stores=[{u}]", *extra]
+    train(load_train_config(CONFIGS / f"{name}.yaml", ov))
+    return _metrics(out)
+
+
+# terms that visibly go down within tens of steps of the tiny model (bench/objectives.py: all, 100 steps)
+FAST = {"tcl_paired": ("lmi",), "xvlm_paired": ("box_l1",), "vlmixer_plus_itc": ("mlm",),
+        "albef_paired": ("itm",)}
+
+
+@pytest.mark.parametrize("name", sorted(FAST))
+def test_config_trains_on_tiny_stores(name: str, run_stores: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    steps = 40
+    rows = run_config(name, run_stores, tmp_path / name, steps)
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert all(np.isfinite(r["loss"]) for r in rows)
+    cfg = load_train_config(CONFIGS / f"{name}.yaml", [])
+    on = {k for k, v in cfg.objective.paired.items() if v > 0}
+    paired = [r for r in rows if r["task"] == "paired"]
+    assert paired and all(on <= set(r) for r in paired)
+    for term in FAST[name]:
+        rs = [r for r in rows if term in r]
+        k = max(2, len(rs) // 4)
+        first, last = np.mean([r[term] for r in rs[:k]]), np.mean([r[term] for r in rs[-k:]])
+        assert last < first, (term, first, last)
+
+
+def test_resume_restores_momentum_and_queues(run_stores: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    common = ("optim.total_steps=8", "run.ckpt_every=4", "objective.aug_patch_drop=0.2")
+    full = run_config("tcl_paired", run_stores, tmp_path / "full", 8, *common)
+    run_config("tcl_paired", run_stores, tmp_path / "cut", 8, *common, "run.stop_at_step=6")
+    g, t, u = run_stores
+    ov = [*TINY_OVERRIDES, f"data.gallery={g}", f"data.paired_text_stores=[{t}]", f"run.out_dir={tmp_path / 'cut'}",
+          f"data.text_stores=[{u}]", *common]
+    train(load_train_config(CONFIGS / "tcl_paired.yaml", ov), resume=True)
+    cut = {r["step"]: r for r in _metrics(tmp_path / "cut")}
+    for r in full[4:]:
+        for k in ("loss", "itc", "imc", "lmi", "itm"):
+            assert cut[r["step"]][k] == pytest.approx(r[k], rel=1e-5, abs=1e-6), (r["step"], k)

@@ -1,0 +1,147 @@
+"""The paired task: the related systems' objectives on (image, caption) pairs, in one module's forward.
+
+Which terms run is `objective.paired` (name -> weight). The momentum model
+and the feature queues exist only when a term needs them (itc, imc, lmi);
+they are buffers and frozen parameters of this module, so the checkpoint
+carries them (`Pretrainer.extra_state`) and a resume continues exactly.
+The EMA update happens at the start of each training forward, as ALBEF does.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.config import MOMENTUM_OBJECTIVES, ObjectiveConfig
+from trainer.model import VLMixerModel
+from trainer.objectives.albef import (
+    FeatureQueue,
+    ITMHead,
+    ema_update,
+    itc_loss,
+    itm_loss,
+    make_momentum_copy,
+    sample_hard_negatives,
+)
+from trainer.objectives.tcl import augment_patches, infonce, lmi_loss
+from trainer.objectives.xvlm import BoxHead, box_loss
+from trainer.paired import N_VIEWS, fuse, select_rows
+
+
+class PairedObjectives(nn.Module):
+    def __init__(self, *, model: VLMixerModel, objective: ObjectiveConfig) -> None:
+        super().__init__()
+        self.obj = objective
+        self.weights = {k: float(w) for k, w in objective.paired.items() if w > 0}
+        H = model.config.hidden_size
+        on = set(self.weights)
+        self.momentum = make_momentum_copy(model) if on & set(MOMENTUM_OBJECTIVES) else None
+        if on & {"itc", "imc"}:
+            d = model.cmcl_proj.out_features
+            self.img_queue = FeatureQueue(objective.queue_size, d)
+            self.txt_queue = FeatureQueue(objective.queue_size, d)
+        self.itm_head = ITMHead(H) if on & {"itm", "concept_itm"} else None
+        self.box_head = BoxHead(H, eps=model.config.layer_norm_eps) if "box" in on else None
+
+    def _augment(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        o = self.obj
+        if o.aug_feature_noise <= 0 and o.aug_patch_drop <= 0:
+            return batch
+        patch_rows = batch["is_patch"].nonzero(as_tuple=False)[:, 0]
+        feats, attn = augment_patches(batch["patch_feats"], patch_rows, batch["attention_mask"], batch["is_patch"],
+                                      noise=o.aug_feature_noise, drop=o.aug_patch_drop, rows=rows)
+        return {**batch, "patch_feats": feats, "attention_mask": attn}
+
+    def _itm(self, model: VLMixerModel, batch: dict[str, torch.Tensor], t_rows: torch.Tensor,
+             v_rows: torch.Tensor, sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
+        """ALBEF's ITM: B positives, then for each image a hard negative text and for each text a hard
+        negative image, drawn by softmax of the (detached) contrastive similarity."""
+        assert self.itm_head is not None
+        neg_t, ok_t = sample_hard_negatives(sim, same)  # row i: an image, column: a text
+        neg_v, ok_v = sample_hard_negatives(sim.t(), same.t())
+        t = [t_rows, t_rows[neg_t[ok_t]], t_rows[ok_v]]
+        v = [v_rows, v_rows[ok_t], v_rows[neg_v[ok_v]]]
+        t_all, v_all = torch.cat(t).tolist(), torch.cat(v).tolist()
+        labels = torch.zeros(len(t_all), dtype=torch.long, device=sim.device)
+        labels[: len(t_rows)] = 1
+        cls = model.encode(fuse(batch, t_all, v_all)).cls
+        return itm_loss(self.itm_head(cls), labels)
+
+    def forward(self, model: VLMixerModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        o, w = self.obj, self.weights
+        dev = batch["input_ids"].device
+        B = batch["input_ids"].shape[0] // N_VIEWS
+        ar = torch.arange(B, device=dev)
+        T, V, CT, CV = ar, ar + B, ar + 2 * B, ar + 3 * B
+        need_pairs = bool(set(w) & {"itc", "itm", "imc", "lmi"})
+        need_concepts = bool(set(w) & {"concept_itc", "concept_itm"})
+        rows = (list(range(2 * B)) if need_pairs else []) + (list(range(2 * B, 4 * B)) if need_concepts else [])
+        online = self._augment(batch, V) if set(w) & set(MOMENTUM_OBJECTIVES) else batch
+        terms: dict[str, torch.Tensor] = {}
+        extra: dict[str, torch.Tensor] = {}
+        proj = torch.zeros(0)
+        if rows:
+            enc = model.encode(select_rows(online, rows))
+            proj = F.normalize(model.project(enc.cls).float(), dim=-1)
+        txt, img = (proj[:B], proj[B: 2 * B]) if need_pairs else (proj[:0], proj[:0])
+        if self.momentum is not None:
+            with torch.no_grad():
+                if self.training:
+                    ema_update(model, self.momentum, o.momentum)
+                mb = self._augment(select_rows(batch, range(2 * B)), V)
+                enc_m = self.momentum.encode(mb)
+                proj_m = F.normalize(self.momentum.project(enc_m.cls).float(), dim=-1)
+                txt_m, img_m = proj_m[:B], proj_m[B:]
+        if "itc" in w:
+            terms["itc"] = itc_loss(img, txt, img_m, txt_m, self.img_queue.feats, self.txt_queue.feats, o.itc_tau,
+                                    o.distill_alpha)
+        if "imc" in w:
+            terms["imc"] = (infonce(img, img_m, self.img_queue.feats, o.itc_tau)
+                            + infonce(txt, txt_m, self.txt_queue.feats, o.itc_tau)) / 2
+        if "lmi" in w:
+            with torch.no_grad():
+                local = F.normalize(self.momentum.project(enc_m.hidden).float(), dim=-1)
+                attn = mb["attention_mask"].bool()
+                n = mb["attention_mask"].sum(1, keepdim=True)
+                slot = torch.arange(attn.shape[1], device=dev)[None, :]
+                words = attn & (slot > 0) & (slot < n - 1) & ~mb["is_patch"]  # caption word-pieces
+                patches = attn & mb["is_patch"]
+            terms["lmi"] = (lmi_loss(img, local[B:], patches[B:], o.itc_tau)
+                            + lmi_loss(txt, local[:B], words[:B], o.itc_tau)) / 2
+        if "itm" in w:
+            same = batch["image_ids"][:, None] == batch["image_ids"][None, :]
+            terms["itm"] = self._itm(model, batch, T, V, (img @ txt.t()).detach(), same)
+        has = batch["has_box"].nonzero(as_tuple=False)[:, 0]
+        if "box" in w:
+            assert self.box_head is not None
+            if len(has):
+                pred = self.box_head(model.encode(fuse(batch, CT[has].tolist(), V[has].tolist())).cls)
+                l1, g = box_loss(pred, batch["box_targets"][has])
+            else:
+                l1 = g = sum(p.sum() for p in self.box_head.parameters()) * 0.0
+            terms["box"] = l1 + g
+            extra.update(box_l1=l1.detach(), box_giou=g.detach(), box_targets=torch.tensor(float(len(has))))
+        if need_concepts:
+            k = 2 * B if need_pairs else 0
+            ct, cv = proj[k: k + B][has], proj[k + B: k + 2 * B][has]
+            cid = batch["concept_ids"][has]
+            if "concept_itc" in w:
+                if len(has):
+                    logits = ct @ cv.t() / o.itc_tau
+                    tgt = torch.arange(len(has), device=dev)
+                    terms["concept_itc"] = (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.t(), tgt)) / 2
+                else:
+                    terms["concept_itc"] = proj.sum() * 0.0
+            if "concept_itm" in w:
+                if len(has):
+                    same = cid[:, None] == cid[None, :]
+                    terms["concept_itm"] = self._itm(model, batch, CT[has], CV[has], (cv @ ct.t()).detach(), same)
+                else:
+                    terms["concept_itm"] = proj.sum() * 0.0
+        if self.training and self.momentum is not None and hasattr(self, "img_queue"):
+            self.img_queue.enqueue(img_m)
+            self.txt_queue.enqueue(txt_m)
+        total = sum(w[k] * terms[k] for k in terms)
+        out = {"loss": total, **{k: v.detach() for k, v in terms.items()}, **extra}
+        out["pairs"] = torch.tensor(float(B))
+        return out
