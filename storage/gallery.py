@@ -85,13 +85,13 @@ def finalize_gallery(root: str | Path) -> dict[str, Any]:
     parts = list_parts(root)
     part_info = []
     img_off = patch_off = 0
-    n_failed = 0
+    failed_keys: set[bytes] = set()
     for p in parts:
         env = open_part_readonly(p)
         try:
             ni, np_ = _part_records(env)
             with env.begin(db=env.open_db(b"failed", create=False)) as txn:
-                n_failed += txn.stat(env.open_db(b"failed", create=False))["entries"]
+                failed_keys.update(bytes(k) for k in txn.cursor().iternext(values=False))
             with env.begin(db=env.open_db(b"shard", create=False)) as txn:
                 n_shards = txn.stat(env.open_db(b"shard", create=False))["entries"]
         finally:
@@ -101,6 +101,14 @@ def finalize_gallery(root: str | Path) -> dict[str, Any]:
         img_off += ni
         patch_off += np_
     n_images, n_patches = img_off, patch_off
+    for p in parts:  # a failure is open unless a later retry (in any part) added the image
+        env = open_part_readonly(p)
+        try:
+            with env.begin(db=env.open_db(b"imgkey", create=False)) as txn:
+                failed_keys = {k for k in failed_keys if txn.get(k) is None}
+        finally:
+            release_env(env)
+    n_failed = len(failed_keys)
 
     tmp_index = root / "index.tmp"
     if tmp_index.exists():
@@ -378,13 +386,15 @@ class GalleryReader:
 
     # -- failures and shards -------------------------------------------------------
     def failures(self) -> list[dict[str, str]]:
-        """Images recorded as bad by the build (and not later added by a retry)."""
+        """Images recorded as bad by the build and not added since (a retry may land in another part)."""
         st = self._open()
-        out = []
+        out = {}
         for txn, dbs in zip(st["txns"], st["dbs"]):
             for k, v in txn.cursor(db=dbs[b"failed"]):
-                out.append({"key": bytes(k).decode(), **unpack_record(v, f"{self.root} failure record")})
-        return sorted(out, key=lambda r: r["key"])
+                out[bytes(k).decode()] = unpack_record(v, f"{self.root} failure record")
+        added = {key for key in out if any(t.get(key.encode("utf-8"), db=d[b"imgkey"]) is not None
+                                           for t, d in zip(st["txns"], st["dbs"]))}
+        return [{"key": k, **out[k]} for k in sorted(set(out) - added)]
 
     def shards(self) -> dict[str, dict[str, Any]]:
         st = self._open()

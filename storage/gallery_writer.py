@@ -78,8 +78,10 @@ class ShardBuffer:
         if concepts.shape[0] != n or confidences.shape[0] != n:
             raise StoreError(f"gallery: image {key!r}: {n} boxes but {concepts.shape[0]} concepts, "
                              f"{confidences.shape[0]} confidences")
+        with np.errstate(over="ignore"):  # checked after the cast: > 65504 overflows to inf
+            features = features.astype(fmt.FEATURE_DTYPE)
         if not np.all(np.isfinite(features)):
-            raise StoreError(f"gallery: image {key!r}: non-finite feature values")
+            raise StoreError(f"gallery: image {key!r}: non-finite feature values (or beyond float16 range)")
         rec = np.zeros(n, dtype=fmt.PATCH_DTYPE)
         rec["box"] = boxes
         rec["width"] = width
@@ -103,7 +105,7 @@ class ShardBuffer:
             rec["attr_scores"][:, :k] = np.where(np.isfinite(sc), sc, 0)
         order = np.argsort(-confidences, kind="stable")
         self.images.append(_PendingImage(key, str(path), int(width), int(height),
-                                         features[order].astype(fmt.FEATURE_DTYPE), rec[order]))
+                                         features[order], rec[order]))
         self._keys.add(key)
         self.failures.pop(key, None)
 

@@ -285,3 +285,32 @@ def test_sigkill_mid_shard_keeps_committed_shards_only(tmp_path: Path) -> None:
     finalize_gallery(root)
     assert GalleryReader(root).num_images == 40 * (n_done + 1)
     assert verify_gallery(root) == []
+
+
+def test_retry_in_another_part_clears_the_failure(tmp_path: Path) -> None:
+    root = tmp_path / "g"
+    good = synthetic_images(8, 1, DIM)[0]
+    w0 = GalleryWriter(root, part=0, feature_dim=DIM, concepts=TINY_CONCEPTS)
+    with w0.shard("s0") as s:
+        s.add_failure(good["key"], good["path"], "unreadable")
+        s.add_failure("other", "/x/other.jpg", "truncated JPEG")
+    w0.close()
+    w1 = GalleryWriter(root, part=1, feature_dim=DIM, concepts=TINY_CONCEPTS)
+    with w1.shard("retry") as s:
+        s.add_image(**good)
+    w1.close()
+    assert finalize_gallery(root)["failed"] == 1
+    assert [f["key"] for f in GalleryReader(root).failures()] == ["other"]
+
+
+def test_features_beyond_float16_are_refused(tmp_path: Path) -> None:
+    img = synthetic_images(9, 1, DIM)[0]
+    while len(img["boxes"]) == 0:
+        img = synthetic_images(10, 1, DIM)[0]
+    img["features"] = img["features"].copy()
+    img["features"][0, 0] = 1e6  # finite in float32, inf in float16
+    w = GalleryWriter(tmp_path / "g", feature_dim=DIM, concepts=TINY_CONCEPTS)
+    with pytest.raises(StoreError, match="float16 range"):
+        with w.shard("s") as s:
+            s.add_image(**img)
+    w.close()

@@ -6,10 +6,12 @@ decompression bombs, CMYK or 16-bit or transparent images. Each is a
 `BadImage` with a short reason that the build records per image and prints
 in its summary; nothing here raises anything else for a bad file.
 
-Modes the detector cannot take are converted where the result is a faithful
-RGB picture (grayscale, palette, CMYK, 16-bit, alpha composited on white),
-and each conversion is reported back so the build can list it; with
-`strict_modes` those same images are refused instead. Orientation follows the
+Grayscale and palette images are converted to RGB. CMYK, 16-bit and
+transparent images are refused by default (SPEC 2.2: recorded with a reason
+and skipped, since any conversion is a guess about colour, depth or the
+background); with `strict_modes=False` (`--convert-modes`) they are converted
+where the result is a faithful RGB picture (alpha composited on white) and
+each conversion is reported back so the build can list it. Orientation follows the
 EXIF tag, so boxes refer to the picture as a person sees it; `gallery show`
 decodes with the same function to crop the same pixels.
 """
@@ -43,7 +45,7 @@ class DecodePolicy:
 
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = 8
-    strict_modes: bool = False
+    strict_modes: bool = True
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1:

@@ -57,7 +57,7 @@ class BuildOptions:
     retry_failed: bool = False
     seed: int = 0
     device: str = "auto"  # in-process only; Ray actors use their GPU if they got one
-    strict_modes: bool = False
+    strict_modes: bool = True  # CMYK/16-bit/alpha are failures; False converts them (--convert-modes)
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_inflight_batches: int | None = None
     progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise

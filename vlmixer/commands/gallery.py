@@ -18,7 +18,7 @@ def _build(a: argparse.Namespace) -> int:
         labelmap=a.labelmap, vocab=a.vocab, ray_address=a.ray_address, num_cpus=a.num_cpus,
         shard_size=a.shard_size, batch_size=a.batch_size, num_gpus_per_worker=a.num_gpus_per_worker,
         cpu_workers=a.cpu_workers, threads=a.threads, retry_failed=a.retry_failed, seed=a.seed, device=a.device,
-        strict_modes=a.strict_modes, max_pixels=a.max_pixels,
+        strict_modes=not a.convert_modes, max_pixels=a.max_pixels,
         progress=False if a.no_progress else None, max_listed=a.max_listed,
     )
     report = build_gallery(opts)
@@ -78,8 +78,9 @@ def register(tree: CommandTree) -> None:
                    help="also re-run the images recorded as failed by earlier runs")
     p.add_argument("--seed", type=int, default=0, help="seed of the shard assignment (default 0)")
     p.add_argument("--device", default="auto", help="device with --ray-address none: auto, cpu, cuda[:N]")
-    p.add_argument("--strict-modes", action="store_true",
-                   help="fail CMYK, 16-bit, alpha and other non-RGB images instead of converting them")
+    p.add_argument("--convert-modes", action="store_true",
+                   help="convert CMYK, 16-bit and alpha images to RGB (listed as converted) instead of "
+                        "recording them as failed")
     p.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
                    help="larger images are refused as decompression bombs (default: Pillow's 89,478,485)")
     p.add_argument("--max-listed", type=int, default=50, metavar="N", help="failures listed in the summary")
