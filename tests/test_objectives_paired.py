@@ -30,7 +30,8 @@ ALL = {"itc": 1.0, "itm": 1.0, "imc": 1.0, "lmi": 1.0, "box": 1.0, "concept_itc"
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():  # noqa: ANN201
-    """2 shared cores: one thread per test process."""
+    """2 shared cores: one thread per test process (module fixtures that train set it themselves: they
+    are set up before this function-scoped one)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
