@@ -11,17 +11,21 @@ asks). Prints one figure per line.
 """
 from __future__ import annotations
 
+import sys as _sys
+from pathlib import Path as _Path
+
+# Run as `python bench/NAME.py`, this folder is first on sys.path and bench/storage.py would
+# shadow the `storage` package: drop it (running as `python -m bench.NAME` needs nothing).
+_sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _Path(__file__).resolve().parent]
+
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from storage import gallery_format as fmt  # noqa: E402
 from storage.files import dir_size  # noqa: E402
