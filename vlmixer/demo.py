@@ -137,12 +137,22 @@ def _loss_plot(metrics: Path, out: Path) -> dict[str, list[float]]:
 
 
 def run_demo(out: str | Path, *, size: str = "full", detector_weights: str | None = None,
+             detector_config: str | None = None, labelmap: str | None = None,
              ray_address: str = "local", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every stage into `out`; returns the summary numbers also written to summary.md."""
+    """Run every stage into `out`; returns the summary numbers also written to summary.md.
+
+    By default the tiny detector config with random weights and the bundled 80-concept
+    vocabulary; real weights come with their own config and label map (e.g.
+    configs/detector/vinvl_x152c4.yaml + VG-SGG-dicts-vgoi6-clipped.json)."""
     from storage.gallery import GalleryReader
     from storage.textstore import TextStoreReader
     from vlmixer.cli import main as cli
 
+    if detector_weights is None and (detector_config or labelmap):
+        raise VlmixerError("--detector-config/--labelmap go with --detector-weights (random weights use the "
+                           "tiny config and the bundled vocabulary)")
+    if detector_weights is not None and labelmap is None:
+        raise VlmixerError("--detector-weights needs --labelmap JSON naming the checkpoint's classes")
     if size not in SIZES:
         raise VlmixerError(f"--size {size!r}: choose one of {sorted(SIZES)}")
     n_synth, steps, n_captions = SIZES[size]
@@ -168,9 +178,10 @@ def run_demo(out: str | Path, *, size: str = "full", detector_weights: str | Non
     shutil.copy(PACKAGE_DATA / "demo_concepts.txt", out / "concepts.txt")
 
     gallery, text, run = out / "gallery", out / "text", out / "run"
-    build = ["gallery", "build", "--images", str(images), "--detector", str(config_path("detector", "tiny.yaml")),
-             "--vocab", str(out / "concepts.txt"), "--out", str(gallery), "--ray-address", ray_address,
-             "--shard-size", "32", "--no-progress"]
+    cfg = detector_config or str(config_path("detector", "tiny.yaml"))
+    names = ["--labelmap", labelmap] if labelmap else ["--vocab", str(out / "concepts.txt")]
+    build = ["gallery", "build", "--images", str(images), "--detector", cfg, *names, "--out", str(gallery),
+             "--ray-address", ray_address, "--shard-size", "32", "--no-progress"]
     if ray_address == "local":
         build += ["--num-cpus", "2"]
     if detector_weights:
