@@ -53,7 +53,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     common = [*TINY_OVERRIDES, f"data.gallery={g}", f"data.paired_text_stores=[{t}]",
               "objective.paired={itc: 1.0, itm: 0.0}", "objective.queue_size=0", "objective.momentum=0.0",
               "objective.distill_alpha=0.0", "optim.lr=3.0e-3", "optim.warmup_steps=5"]
-    train(load_train_config(CONFIG, [*common, f"run.out_dir={root / 'trained'}", "optim.total_steps=150"]))
+    train(load_train_config(CONFIG, [*common, f"run.out_dir={root / 'trained'}", "optim.total_steps=250"]))
     train(load_train_config(CONFIG, [*common, f"run.out_dir={root / 'untrained'}", "optim.total_steps=1",
                                      "optim.lr=1.0e-9"]))
     # the same captions keyed to the next image: the "right answer" is now wrong
@@ -77,8 +77,8 @@ def test_trained_model_retrieves_its_pairs(runs: dict[str, Path], capsys: pytest
     res = probe(capsys, runs["trained"], g, t)
     assert res["images"] == N_IMAGES and res["captions"] == 3 * N_IMAGES
     chance = res["chance_t2i_r1"]
-    assert res["t2i_r1"] > 5 * chance and res["i2t_r1"] > 5 * chance, res
-    assert res["t2i_r5"] > 0.6 and res["i2t_r10"] > 0.8, res
+    assert res["t2i_r1"] > 4 * chance and res["i2t_r1"] > 4 * chance, res  # seeds 0-2: t2i R@1 0.32-0.60
+    assert res["t2i_r5"] > 0.7 and res["i2t_r10"] > 0.8, res
     assert all(res[f"{w}_r1"] <= res[f"{w}_r5"] <= res[f"{w}_r10"] for w in ("t2i", "i2t"))
     base = probe(capsys, runs["untrained"], g, t)
     assert base["t2i_r1"] < 3 * chance and base["t2i_r5"] < res["t2i_r5"] - 0.3, base
@@ -87,7 +87,7 @@ def test_trained_model_retrieves_its_pairs(runs: dict[str, Path], capsys: pytest
     # --n: the first N captioned images and all their captions; the table form prints both ways
     small = probe(capsys, runs["trained"], g, t, "--n", "5")
     assert small["images"] == 5 and small["captions"] == 15
-    assert main(["eval", "retrieval", "--checkpoint", str(runs["trained"] / "checkpoints" / "step_00000150.pt"),
+    assert main(["eval", "retrieval", "--checkpoint", str(runs["trained"] / "checkpoints" / "step_00000250.pt"),
                  "--gallery", str(g), "--text", str(t)]) == 0
     out = capsys.readouterr().out
     assert "text->image" in out and "image->text" in out and "R@10" in out

@@ -102,6 +102,11 @@ class ObjectiveConfig:
     # ALBEF: itc (momentum ITC + distillation), itm (hard negatives); TCL: imc, lmi (with itc);
     # X-VLM: box (L1 + GIoU of a concept's patch box from its text), concept_itc, concept_itm
     paired: dict[str, float] = field(default_factory=dict)
+    # the same objectives on unpaired text, with VALP's two CMC views as the pair (text view T^mask as the
+    # "text", multi-modal view S^mask as the "image"), on VALP steps: name -> weight (0 = off).
+    # itc: ALBEF's momentum ITC + distillation over the views (CMCL with momentum, queues, soft targets);
+    # lmi: TCL's LMI between one view's [CLS] and the other view's tokens
+    views: dict[str, float] = field(default_factory=dict)
     # ITC/IMC/LMI temperature (ALBEF: 0.07)
     itc_tau: float = 0.07
     # EMA coefficient of the momentum model (ALBEF: 0.995)
@@ -217,6 +222,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
 
 
 PAIRED_OBJECTIVES = ("itc", "itm", "imc", "lmi", "box", "concept_itc", "concept_itm")
+VIEW_OBJECTIVES = ("itc", "lmi")  # on VALP's two views; ITM/box need an image, IMC a second text view
 MOMENTUM_OBJECTIVES = ("itc", "imc", "lmi")  # these need the EMA model (and, but lmi, the queues)
 
 
@@ -229,6 +235,15 @@ def _validate_paired(cfg: TrainConfig) -> None:
             raise ConfigError(f"objective.paired.{name}: unknown objective (known: {', '.join(PAIRED_OBJECTIVES)})")
         if w < 0:
             raise ConfigError(f"objective.paired.{name}={w}: a weight is >= 0")
+    for name, w in o.views.items():
+        if name not in VIEW_OBJECTIVES:
+            raise ConfigError(f"objective.views.{name}: not an objective on CMC views (known: "
+                              f"{', '.join(VIEW_OBJECTIVES)})")
+        if w < 0:
+            raise ConfigError(f"objective.views.{name}={w}: a weight is >= 0")
+    if any(w > 0 for w in o.views.values()) and (d.tavp_ratio >= 1.0 or d.paired_ratio >= 1.0):
+        raise ConfigError("objective.views trains on VALP steps, but VALP is off (data.tavp_ratio or "
+                          "data.paired_ratio is 1)")
     on = [n for n, w in o.paired.items() if w > 0]
     if d.paired_ratio > 0 and not on:
         raise ConfigError("data.paired_ratio > 0 but no objective.paired weight is > 0")

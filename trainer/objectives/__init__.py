@@ -24,8 +24,8 @@ class Pretrainer(nn.Module):
         self.model = model
         self.obj = objective
         # registered only when used, so VALP/TAVP-only runs keep their parameter list and checkpoints
-        self.paired = PairedObjectives(model=model, objective=objective) \
-            if any(w > 0 for w in objective.paired.values()) else None
+        used = any(w > 0 for w in objective.paired.values()) or any(w > 0 for w in objective.views.values())
+        self.paired = PairedObjectives(model=model, objective=objective) if used else None
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         """What a checkpoint needs beyond the model: paired heads, momentum model, queues."""
@@ -42,6 +42,8 @@ class Pretrainer(nn.Module):
             mine[k].copy_(v)
 
     def forward(self, batch: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+        if task == "paired" and self.paired is not None:  # encodes its own row subsets
+            return self.paired(self.model, batch)
         enc = self.model.encode(batch)
         o, m = self.obj, self.model
         if task == "valp":
@@ -50,8 +52,13 @@ class Pretrainer(nn.Module):
             proj = m.project(enc.cls)
             cl, n_neg = cmcl_loss(proj[:B], proj[B:], o.tau, o.cmcl_global_negatives)
             total = o.mlm_weight * mlm + o.cmcl_weight * cl
-            return {"loss": total, "mlm": mlm.detach(), "cmcl": cl.detach(),
-                    "mlm_tokens": torch.tensor(float(n_mlm)), "cmcl_candidates": torch.tensor(float(n_neg))}
+            res = {"mlm": mlm.detach(), "cmcl": cl.detach(),
+                   "mlm_tokens": torch.tensor(float(n_mlm)), "cmcl_candidates": torch.tensor(float(n_neg))}
+            if self.paired is not None and self.paired.view_weights:  # objective.views on the CMC views
+                for name, term in self.paired.views(m, batch, enc).items():
+                    total = total + self.paired.view_weights[name[len("view_"):]] * term
+                    res[name] = term.detach()
+            return {"loss": total, **res}
         if task == "tavp":
             tag, n_tag = mlm_loss(m.mlm_logits, enc.hidden, batch["mlm_labels"])
             patch_hidden = enc.hidden[batch["is_patch"]]
@@ -59,6 +66,4 @@ class Pretrainer(nn.Module):
             total = o.tag_weight * tag + o.patch_weight * pc
             return {"loss": total, "tag": tag.detach(), "patch": pc.detach(),
                     "tag_tokens": torch.tensor(float(n_tag)), "patch_targets": torch.tensor(float(n_pc))}
-        if task == "paired" and self.paired is not None:
-            return self.paired(self.model, batch)
         raise ValueError(f"unknown task {task!r} (expected one of {TASKS})")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.config import MOMENTUM_OBJECTIVES, ObjectiveConfig
-from trainer.model import VLMixerModel
+from trainer.model import Encoded, VLMixerModel
 from trainer.objectives.albef import (
     FeatureQueue,
     ITMHead,
@@ -33,13 +33,17 @@ class PairedObjectives(nn.Module):
         super().__init__()
         self.obj = objective
         self.weights = {k: float(w) for k, w in objective.paired.items() if w > 0}
+        self.view_weights = {k: float(w) for k, w in objective.views.items() if w > 0}
         H = model.config.hidden_size
         on = set(self.weights)
-        self.momentum = make_momentum_copy(model) if on & set(MOMENTUM_OBJECTIVES) else None
+        self.momentum = make_momentum_copy(model) if on & set(MOMENTUM_OBJECTIVES) or self.view_weights else None
+        d = model.cmcl_proj.out_features
         if on & {"itc", "imc"}:
-            d = model.cmcl_proj.out_features
             self.img_queue = FeatureQueue(objective.queue_size, d)
             self.txt_queue = FeatureQueue(objective.queue_size, d)
+        if "itc" in self.view_weights:  # the views' features live apart from real images' and captions'
+            self.view_s_queue = FeatureQueue(objective.queue_size, d)
+            self.view_t_queue = FeatureQueue(objective.queue_size, d)
         self.itm_head = ITMHead(H) if on & {"itm", "concept_itm"} else None
         self.box_head = BoxHead(H, eps=model.config.layer_norm_eps) if "box" in on else None
 
@@ -66,6 +70,43 @@ class PairedObjectives(nn.Module):
         labels[: len(t_rows)] = 1
         cls = model.encode(fuse(batch, t_all, v_all)).cls
         return itm_loss(self.itm_head(cls), labels)
+
+    def views(self, model: VLMixerModel, batch: dict[str, torch.Tensor], enc: Encoded) -> dict[str, torch.Tensor]:
+        """`objective.views` on a VALP batch (B text views, then B multi-modal views), given its encoding.
+
+        The multi-modal view plays the image and the text view the caption:
+        ITC is CMCL with ALBEF's momentum candidates, queues and soft targets;
+        LMI asks each view's [CLS] to predict the other view's tokens (the
+        momentum model's), words and patches but not [CLS]/[SEP].
+        """
+        assert self.momentum is not None
+        o, w = self.obj, self.view_weights
+        B = batch["input_ids"].shape[0] // 2
+        proj = F.normalize(model.project(enc.cls).float(), dim=-1)
+        t, s = proj[:B], proj[B:]
+        with torch.no_grad():
+            if self.training:
+                ema_update(model, self.momentum, o.momentum)
+            enc_m = self.momentum.encode(batch)
+            proj_m = F.normalize(self.momentum.project(enc_m.cls).float(), dim=-1)
+            t_m, s_m = proj_m[:B], proj_m[B:]
+        terms: dict[str, torch.Tensor] = {}
+        if "itc" in w:
+            terms["view_itc"] = itc_loss(s, t, s_m, t_m, self.view_s_queue.feats, self.view_t_queue.feats,
+                                         o.itc_tau, o.distill_alpha)
+        if "lmi" in w:
+            with torch.no_grad():
+                local = F.normalize(self.momentum.project(enc_m.hidden).float(), dim=-1)
+                attn = batch["attention_mask"].bool()
+                n = batch["attention_mask"].sum(1, keepdim=True)
+                slot = torch.arange(attn.shape[1], device=attn.device)[None, :]
+                inner = attn & (slot > 0) & (slot < n - 1)
+            terms["view_lmi"] = (lmi_loss(t, local[B:], inner[B:], o.itc_tau)
+                                 + lmi_loss(s, local[:B], inner[:B], o.itc_tau)) / 2
+        if self.training and "itc" in w:
+            self.view_s_queue.enqueue(s_m)
+            self.view_t_queue.enqueue(t_m)
+        return terms
 
     def forward(self, model: VLMixerModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         o, w = self.obj, self.weights
@@ -138,7 +179,7 @@ class PairedObjectives(nn.Module):
                     terms["concept_itm"] = self._itm(model, batch, CT[has], CV[has], (cv @ ct.t()).detach(), same)
                 else:
                     terms["concept_itm"] = proj.sum() * 0.0
-        if self.training and self.momentum is not None and hasattr(self, "img_queue"):
+        if self.training and hasattr(self, "img_queue"):
             self.img_queue.enqueue(img_m)
             self.txt_queue.enqueue(txt_m)
         total = sum(w[k] * terms[k] for k in terms)
