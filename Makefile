@@ -8,7 +8,8 @@ install:
 	VENV=$(VENV) bash scripts/install.sh
 
 demo: install
-	$(VENV)/bin/vlmixer demo --out $(DEMO_OUT)
+	rm -rf $(DEMO_OUT)
+	RAY_AUTH_MODE=disabled $(VENV)/bin/vlmixer demo --out $(DEMO_OUT)
 
 lint: install
 	$(VENV)/bin/ruff check .
