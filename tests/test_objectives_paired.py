@@ -25,7 +25,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
              "max_position_embeddings": 64, "vocab_size": 0, "hidden_dropout_prob": 0.1,
              "attention_probs_dropout_prob": 0.0}
-ALL = {"itc": 1.0, "itm": 1.0, "imc": 1.0, "lmi": 1.0, "box": 1.0, "concept_itc": 1.0, "concept_itm": 1.0}
+ALL = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "imc": 1.0, "lmi": 1.0, "box": 1.0, "concept_itc": 1.0, "concept_itm": 1.0}
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,7 @@ def dataset(stores: tuple[Path, Path], max_patches: int = 8) -> PairedDataset:
     vocab = WordPieceVocab.read(t.vocab_file)
     return PairedDataset(corpus=TextCorpus([t]), index=PairIndex([t], g), gallery=g, vocab=vocab,
                          tag_pieces=concept_wordpieces(vocab.path, CONCEPTS), max_caption_tokens=24,
-                         max_patches=max_patches, seed=0)
+                         max_patches=max_patches, seed=0, mask=vocab.mask_spec(0.5, 0.8, 0.1))
 
 
 def test_pairs_link_captions_to_their_images(stores: tuple[Path, Path]) -> None:
@@ -59,7 +59,9 @@ def test_pairs_link_captions_to_their_images(stores: tuple[Path, Path]) -> None:
         s = t.sentence(int(ds.index.sentence[i]))
         assert g.image(int(ds.index.image[i])).key == s.image_key
         ex = ds[(0, i)]
-        text, image, ctext, cpatch = ex.rows
+        text, image, ctext, cpatch, masked = ex.rows
+        sel = masked.labels != -100
+        assert sel.any() and np.array_equal(masked.labels[sel], text.ids[sel]) and not sel[[0, -1]].any()
         assert text.ids[1:-1].tolist() == s.tokens.tolist()
         pids = list(g.image_patches(int(ds.index.image[i])))
         assert np.array_equal(image.feats, g.features(pids)) and int(image.is_patch.sum()) == len(pids)
@@ -116,6 +118,8 @@ def test_each_objective_trains_its_parameters_and_never_the_momentum_model(store
     assert m.patch_embed.feature.weight.grad.abs().sum() > 0  # patches feed every objective
     if name in ("itc", "imc", "lmi", "concept_itc"):
         assert m.cmcl_proj.weight.grad.abs().sum() > 0  # contrast goes through the projection
+    if name == "mlm":
+        assert m.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0 and out["mlm_tokens"] > 0
     if name in ("itm", "concept_itm"):
         assert p.itm_head.fc.weight.grad.abs().sum() > 0
     if name == "box":
@@ -188,7 +192,7 @@ def run_config(name: str, stores: tuple[Path, Path, Path], out: Path, steps: int
 # terms that visibly go down within 40 steps of the tiny model (bench/objectives.py reports every term over
 # 100 steps: momentum ITC, EMA 0.995, stays near chance that early and is not asserted here)
 FAST = {"tcl_paired": ("lmi",), "xvlm_paired": ("box_l1", "concept_itc", "itc"), "vlmixer_plus_itc": ("mlm",),
-        "albef_paired": ("itm",)}
+        "albef_paired": ("itm", "mlm")}
 # queues scaled to a 96-pair store; vlmixer_plus_itc also runs objective.views on its VALP steps
 SMOKE = {"albef_paired": ["objective.queue_size=64"], "tcl_paired": ["objective.queue_size=64"], "xvlm_paired": [],
          "vlmixer_plus_itc": ["objective.queue_size=64", "objective.views={itc: 1.0, lmi: 1.0}"]}

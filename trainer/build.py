@@ -81,5 +81,6 @@ def build_datasets(cfg: TrainConfig, stores: Stores) -> dict[str, torch.utils.da
             corpus=TextCorpus(stores.paired_texts, cache_shards=d.text_cache_shards),
             index=PairIndex(stores.paired_texts, stores.gallery), gallery=stores.gallery, vocab=stores.vocab,
             tag_pieces=concept_wordpieces(stores.vocab.path, stores.gallery.concepts.names),
-            max_caption_tokens=d.max_caption_tokens, max_patches=d.max_patches, seed=cfg.run.seed)
+            max_caption_tokens=d.max_caption_tokens, max_patches=d.max_patches, seed=cfg.run.seed,
+            mask=mask if o.paired.get("mlm", 0) > 0 else None)
     return out

@@ -99,7 +99,8 @@ class ObjectiveConfig:
     # fraction of TAVP patches masked (feature zeroed) and predicted as their concept
     patch_mask_prob: float = 0.15
     # objectives of the related systems, trained on the paired task: name -> loss weight (0 = off).
-    # ALBEF: itc (momentum ITC + distillation), itm (hard negatives); TCL: imc, lmi (with itc);
+    # ALBEF: itc (momentum ITC + distillation), itm (hard negatives), mlm (masked caption fused with
+    # its image, objective.mlm_prob etc.); TCL: imc, lmi (with itc);
     # X-VLM: box (L1 + GIoU of a concept's patch box from its text), concept_itc, concept_itm
     paired: dict[str, float] = field(default_factory=dict)
     # the same objectives on unpaired text, with VALP's two CMC views as the pair (text view T^mask as the
@@ -221,7 +222,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError("run: ckpt_every >= 1, log_every >= 1, keep_last >= 0, stop_at_step >= 0 required")
 
 
-PAIRED_OBJECTIVES = ("itc", "itm", "imc", "lmi", "box", "concept_itc", "concept_itm")
+PAIRED_OBJECTIVES = ("itc", "itm", "mlm", "imc", "lmi", "box", "concept_itc", "concept_itm")
 VIEW_OBJECTIVES = ("itc", "lmi")  # on VALP's two views; ITM/box need an image, IMC a second text view
 MOMENTUM_OBJECTIVES = ("itc", "imc", "lmi")  # these need the EMA model (and, but lmi, the queues)
 

@@ -10,6 +10,7 @@ view-major in the batch like VALP's two:
   1 image        [CLS] patches [SEP]           (the image's first max_patches patches)
   2 concept text [CLS] grounded word or tag [SEP]
   3 concept      [CLS] its patch [SEP]         (X-VLM's visual concept)
+  4 masked caption, with MLM labels (only when the paired task trains `mlm`)
 
 plus per pair the concept patch's normalised box (cx, cy, w, h), whether
 there is one, the image index and the concept id. Fused inputs
@@ -29,7 +30,7 @@ from storage.gallery import GalleryReader
 from storage.textstore import TextStoreReader
 from trainer.cmc import SampleRandom
 from trainer.data import Row, TextCorpus, WordPieceVocab, clean_spans, collate, read_patches
-from trainer.masking import IGNORE
+from trainer.masking import IGNORE, MaskSpec, mask_tokens
 from vlmixer.errors import ConfigError
 
 PAIRED_SALT = 0x50414952  # "PAIR"
@@ -117,7 +118,8 @@ class PairedDataset(torch.utils.data.Dataset):
     collate_fn = staticmethod(collate_paired)
 
     def __init__(self, *, corpus: TextCorpus, index: PairIndex, gallery: GalleryReader, vocab: WordPieceVocab,
-                 tag_pieces: Sequence[np.ndarray], max_caption_tokens: int, max_patches: int, seed: int) -> None:
+                 tag_pieces: Sequence[np.ndarray], max_caption_tokens: int, max_patches: int, seed: int,
+                 mask: MaskSpec | None = None) -> None:
         if len(index) == 0:
             raise ConfigError(f"no caption of data.paired_text_stores has an image key found in the gallery "
                               f"{gallery.root} ({index.skipped} sentences skipped); tag the captions with "
@@ -125,6 +127,7 @@ class PairedDataset(torch.utils.data.Dataset):
         self.corpus, self.index, self.gallery, self.vocab = corpus, index, gallery, vocab
         self.tag_pieces = list(tag_pieces)
         self.max_caption_tokens, self.max_patches = max_caption_tokens, max_patches
+        self.mask = mask
         self._rand = SampleRandom(seed, PAIRED_SALT)
 
     def __len__(self) -> int:
@@ -160,10 +163,22 @@ class PairedDataset(torch.utils.data.Dataset):
             words = self.tag_pieces[c][: self.max_caption_tokens]
         else:
             rows += [_text_row(np.array([v.cls, v.sep])), _image_row(v, feats[:0], spatial[:0])]
-            return PairedExample(rows, np.zeros(4, np.float32), False, img, -1)
+            return PairedExample(self._masked(rows, rng), np.zeros(4, np.float32), False, img, -1)
         rows += [_text_row(np.concatenate([[v.cls], words, [v.sep]])), _image_row(v, feats[j: j + 1],
                                                                                spatial[j: j + 1])]
-        return PairedExample(rows, normalised_box(spatial[j]), True, img, c)
+        return PairedExample(self._masked(rows, rng), normalised_box(spatial[j]), True, img, c)
+
+    def _masked(self, rows: list[Row], rng: np.random.Generator) -> list[Row]:
+        """Append the caption masked for MLM (drawn last, so the other rows do not depend on it)."""
+        if self.mask is None:
+            return rows
+        cap = rows[0]
+        eligible = np.ones(len(cap.ids), bool)
+        eligible[[0, -1]] = False
+        ids, labels = mask_tokens(cap.ids, eligible, self.mask, rng)
+        m = _text_row(ids)
+        m.labels = labels
+        return rows + [m]
 
 
 # -- batch surgery -------------------------------------------------------------------------
@@ -190,6 +205,7 @@ def fuse(batch: dict[str, torch.Tensor], text_rows: Sequence[int], image_rows: S
          ) -> dict[str, torch.Tensor]:
     """Fused inputs `[CLS] text [SEP] patches [SEP]` of (text row, image row) pairs of a collated batch.
 
+    MLM labels follow their tokens (a masked caption row gives ALBEF's MLM input).
     The text keeps its positions and segment 0; the image part (its row minus
     [CLS]) continues the positions and takes segment 1. Patch features follow,
     so the model's masked_scatter puts them in the right slots.
@@ -197,10 +213,11 @@ def fuse(batch: dict[str, torch.Tensor], text_rows: Sequence[int], image_rows: S
     dev = batch["input_ids"].device
     starts, counts = _patch_slices(batch)
     n = batch["attention_mask"].sum(1).tolist()
-    ids, isp, pos, types, feats, spatial = [], [], [], [], [], []
+    ids, isp, pos, types, labels, feats, spatial = [], [], [], [], [], [], []
     for a, b in zip(text_rows, image_rows, strict=True):
         na, nb = int(n[a]), int(n[b])
         ids.append(torch.cat([batch["input_ids"][a, :na], batch["input_ids"][b, 1:nb]]))
+        labels.append(torch.cat([batch["mlm_labels"][a, :na], batch["mlm_labels"][b, 1:nb]]))
         isp.append(torch.cat([batch["is_patch"][a, :na], batch["is_patch"][b, 1:nb]]))
         pos.append(torch.arange(na + nb - 1, device=dev))
         types.append(torch.cat([torch.zeros(na, dtype=torch.long, device=dev),
@@ -213,6 +230,7 @@ def fuse(batch: dict[str, torch.Tensor], text_rows: Sequence[int], image_rows: S
     out = {"input_ids": pad(ids, batch_first=True), "is_patch": pad(isp, batch_first=True),
            "position_ids": pad(pos, batch_first=True), "token_type_ids": pad(types, batch_first=True)}
     out["attention_mask"] = pad([torch.ones(len(t), dtype=torch.long, device=dev) for t in ids], batch_first=True)
+    out["mlm_labels"] = pad(labels, batch_first=True, padding_value=IGNORE)
     out["patch_feats"] = torch.cat(feats) if feats else batch["patch_feats"][:0]
     out["patch_spatial"] = torch.cat(spatial) if spatial else batch["patch_spatial"][:0]
     return out

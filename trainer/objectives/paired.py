@@ -24,6 +24,7 @@ from trainer.objectives.albef import (
     sample_hard_negatives,
 )
 from trainer.objectives.tcl import augment_patches, infonce, lmi_loss
+from trainer.objectives.valp import mlm_loss
 from trainer.objectives.xvlm import BoxHead, box_loss
 from trainer.paired import N_VIEWS, fuse, select_rows
 
@@ -111,7 +112,7 @@ class PairedObjectives(nn.Module):
     def forward(self, model: VLMixerModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         o, w = self.obj, self.weights
         dev = batch["input_ids"].device
-        B = batch["input_ids"].shape[0] // N_VIEWS
+        B = batch["input_ids"].shape[0] // int(batch["n_views"])
         ar = torch.arange(B, device=dev)
         T, V, CT, CV = ar, ar + B, ar + 2 * B, ar + 3 * B
         need_pairs = bool(set(w) & {"itc", "itm", "imc", "lmi"})
@@ -152,6 +153,10 @@ class PairedObjectives(nn.Module):
         if "itm" in w:
             same = batch["image_ids"][:, None] == batch["image_ids"][None, :]
             terms["itm"] = self._itm(model, batch, T, V, (img @ txt.t()).detach(), same)
+        if "mlm" in w:  # ALBEF's MLM: the masked caption fused with its image
+            fused = fuse(batch, (ar + N_VIEWS * B).tolist(), V.tolist())
+            terms["mlm"], n_mlm = mlm_loss(model.mlm_logits, model.encode(fused).hidden, fused["mlm_labels"])
+            extra["mlm_tokens"] = torch.tensor(float(n_mlm))
         has = batch["has_box"].nonzero(as_tuple=False)[:, 0]
         if "box" in w:
             assert self.box_head is not None
