@@ -266,3 +266,33 @@ def test_views_itc_is_symmetric_cmcl_without_momentum_and_trains_only_the_online
 
         validate(load_train_config(CONFIGS / "tiny.yaml", [f"data.gallery={g}", f"data.text_stores=[{t}]",
                                                              "objective.views={itm: 1.0}"]))
+
+
+def test_images_without_patches_and_captions_without_concepts(tmp_path: Path) -> None:
+    """Empty inputs are ordinary: an image with zero patches (no concept, no box) and a caption naming
+    nothing the image shows (the concept falls back to a tag) train every objective without NaN."""
+    from trainer.synthetic import write_gallery, write_text_store, write_vocab
+
+    dog, cat = CONCEPTS.index("dog"), CONCEPTS.index("cat")
+    g = write_gallery(tmp_path / "g", CONCEPTS, [[], [(dog, 0.9), (cat, 0.5)], []], feature_dim=16)
+    vocab_file = write_vocab(tmp_path / "vocab.txt")
+    t = write_text_store(tmp_path / "t", CONCEPTS, vocab_file,
+                         [("a dog runs .", [(2, 5, dog)]), ("a car .", [(2, 5, CONCEPTS.index("car"))]),
+                          ("the park .", []), ("a cat .", [(2, 5, cat)])],
+                         image_keys=["img0", "img1", "img2", "nope"])
+    ds = dataset((g, t))
+    assert len(ds) == 3 and ds.index.skipped == 1  # "nope" is not in the gallery
+    exs = [ds[(0, i)] for i in range(3)]
+    assert [e.has_box for e in exs] == [False, True, False]
+    assert exs[1].concept in (dog, cat)  # "car" is not in img1: a tag of img1 stands in
+    batch = collate_paired(exs)
+    pre = make_pre(ds.vocab.size, dict(ALL), aug_feature_noise=0.1, aug_patch_drop=0.5)
+    pre.train()
+    out = pre(batch, "paired")
+    assert torch.isfinite(out["loss"]) and out["box_targets"] == 1
+    out["loss"].backward()
+    # a batch without any concept: box and concept terms are zero but defined
+    only_empty = collate_paired([exs[0], exs[2]])
+    out = pre(only_empty, "paired")
+    assert torch.isfinite(out["loss"]) and float(out["box"]) == 0.0 and float(out["concept_itc"]) == 0.0
+    out["loss"].backward()
