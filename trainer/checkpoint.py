@@ -52,6 +52,8 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_
     """Write `checkpoints/step_NNNNNNNN.pt` atomically, point `latest.json` at it, prune old ones."""
     d = checkpoint_dir(out_dir)
     d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob(".*.tmp"):  # a writer killed mid-save (rank 0 is the only writer)
+        stale.unlink(missing_ok=True)
     final = d / f"step_{step:08d}.pt"
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=d)
     try:
