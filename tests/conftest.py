@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -15,6 +16,18 @@ from storage.gallery import finalize_gallery  # noqa: E402
 from storage.gallery_writer import GalleryWriter  # noqa: E402
 from storage.textstore import TextStoreWriter  # noqa: E402
 from storage.vocab import Vocabulary  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():  # noqa: ANN201
+    """Tests compute on small tensors on a 2-core machine shared by several processes (Ray actors,
+    DataLoader workers, torchrun ranks): one intra-op thread each is faster than OpenMP threads
+    spinning against each other, and keeps in-process results bitwise equal to 1-thread actors'."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 TINY_CONCEPTS = Vocabulary(names=("dog", "cat", "man", "traffic light", "car"),
                            variants=(("dog",), ("cat", "kitty"), ("man",), ("traffic light",), ("car", "auto")))

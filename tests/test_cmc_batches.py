@@ -23,17 +23,6 @@ from trainer.masking import IGNORE, MaskSpec
 from trainer.synthetic import CONCEPTS, tiny_stores, write_text_store, write_vocab
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():  # noqa: ANN201
-    """The test machine has 2 shared cores: spinning OpenMP threads of several processes slow
-    each other tenfold, so tests compute on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return tiny_stores(tmp_path_factory.mktemp("stores"), n_images=24, n_sentences=64, feature_dim=16, shard_size=20)

@@ -13,16 +13,6 @@ from pipeline.detector.config import load_detector_config
 from pipeline.detector.convert import convert_vinvl_checkpoint
 from vlmixer.errors import VlmixerError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = Path(__file__).resolve().parents[1] / "configs" / "detector" / "tiny.yaml"
 
 

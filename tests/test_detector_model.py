@@ -6,20 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
-import torch
 
 from pipeline.detector import Detections, Detector
 from vlmixer.errors import ConfigError, VlmixerError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detector"
 TINY = CONFIGS / "tiny.yaml"

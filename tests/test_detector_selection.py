@@ -7,16 +7,6 @@ from torchvision.ops import nms
 
 from pipeline.detector.selection import dense_class_nms, pairwise_iou, select_boxes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one intra-op thread is faster, and far faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 NUM_CLASSES_WITH_BG = 1595
 
 

@@ -28,14 +28,6 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2
 ALL = {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "imc": 1.0, "lmi": 1.0, "box": 1.0, "concept_itc": 1.0, "concept_itm": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():  # noqa: ANN201
-    """2 shared cores: one thread per test process (module fixtures that train set it themselves: they
-    are set up before this function-scoped one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

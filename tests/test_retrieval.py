@@ -19,14 +19,6 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "albef_p
 N_IMAGES = 24
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():  # noqa: ANN201
-    """2 shared cores: one thread per test process (module fixtures that train set it themselves: they
-    are set up before this function-scoped one)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_recall_at_k_by_hand() -> None:

@@ -15,14 +15,6 @@ from vlmixer.errors import ConfigError
 TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():  # noqa: ANN201
-    """The test machine has 2 shared cores: spinning OpenMP threads of several processes slow
-    each other tenfold, so tests compute on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 

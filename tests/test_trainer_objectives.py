@@ -23,14 +23,6 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2
              "attention_probs_dropout_prob": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():  # noqa: ANN201
-    """The test machine has 2 shared cores: spinning OpenMP threads of several processes slow
-    each other tenfold, so tests compute on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 
