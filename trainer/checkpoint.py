@@ -10,16 +10,14 @@ a tensor, the config is a plain dict.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from storage.files import atomic_write_json
+from storage.files import atomic_write, atomic_write_json
 from vlmixer.errors import VlmixerError
 
 
@@ -55,17 +53,7 @@ def save_checkpoint(out_dir: str | Path, step: int, state: dict[str, Any], keep_
     for stale in d.glob(".*.tmp"):  # a writer killed mid-save (rank 0 is the only writer)
         stale.unlink(missing_ok=True)
     final = d / f"step_{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(final, lambda f: torch.save(state, f))
     atomic_write_json(d / "latest.json", {"step": step, "file": final.name})
     if keep_last:
         for old in sorted(d.glob("step_*.pt"))[:-keep_last]:
