@@ -66,6 +66,14 @@ def unpack_record(data: bytes | memoryview, where: str) -> dict[str, Any]:
     return out
 
 
+def _open_failures(views: list[tuple[Any, dict[bytes, Any]]]) -> dict[bytes, bytes]:
+    """Raw failure records whose image no part holds: a retry may add the image in another part.
+
+    `views` is one (read transaction, named databases) pair per part."""
+    failed = {bytes(k): bytes(v) for txn, dbs in views for k, v in txn.cursor(db=dbs[b"failed"])}
+    return {k: v for k, v in failed.items() if all(txn.get(k, db=dbs[b"imgkey"]) is None for txn, dbs in views)}
+
+
 def _part_records(env: lmdb.Environment) -> tuple[int, int]:
     meta = env.open_db(b"meta", create=False)
     with env.begin(db=meta) as txn:
@@ -85,13 +93,10 @@ def finalize_gallery(root: str | Path) -> dict[str, Any]:
     parts = list_parts(root)
     part_info = []
     img_off = patch_off = 0
-    failed_keys: set[bytes] = set()
     for p in parts:
         env = open_part_readonly(p)
         try:
             ni, np_ = _part_records(env)
-            with env.begin(db=env.open_db(b"failed", create=False)) as txn:
-                failed_keys.update(bytes(k) for k in txn.cursor().iternext(values=False))
             with env.begin(db=env.open_db(b"shard", create=False)) as txn:
                 n_shards = txn.stat(env.open_db(b"shard", create=False))["entries"]
         finally:
@@ -101,14 +106,16 @@ def finalize_gallery(root: str | Path) -> dict[str, Any]:
         img_off += ni
         patch_off += np_
     n_images, n_patches = img_off, patch_off
-    for p in parts:  # a failure is open unless a later retry (in any part) added the image
-        env = open_part_readonly(p)
-        try:
-            with env.begin(db=env.open_db(b"imgkey", create=False)) as txn:
-                failed_keys = {k for k in failed_keys if txn.get(k) is None}
-        finally:
-            release_env(env)
-    n_failed = len(failed_keys)
+    envs = [open_part_readonly(p) for p in parts]
+    try:
+        dbs = [{n: e.open_db(n, create=False) for n in (b"failed", b"imgkey")} for e in envs]
+        txns = [e.begin() for e in envs]
+        n_failed = len(_open_failures(list(zip(txns, dbs))))
+        for t in txns:
+            t.abort()
+    finally:
+        for e in envs:
+            release_env(e)
 
     tmp_index = root / "index.tmp"
     if tmp_index.exists():
@@ -388,13 +395,9 @@ class GalleryReader:
     def failures(self) -> list[dict[str, str]]:
         """Images recorded as bad by the build and not added since (a retry may land in another part)."""
         st = self._open()
-        out = {}
-        for txn, dbs in zip(st["txns"], st["dbs"]):
-            for k, v in txn.cursor(db=dbs[b"failed"]):
-                out[bytes(k).decode()] = unpack_record(v, f"{self.root} failure record")
-        added = {key for key in out if any(t.get(key.encode("utf-8"), db=d[b"imgkey"]) is not None
-                                           for t, d in zip(st["txns"], st["dbs"]))}
-        return [{"key": k, **out[k]} for k in sorted(set(out) - added)]
+        open_ = _open_failures(list(zip(st["txns"], st["dbs"])))
+        return [{"key": k.decode(), **unpack_record(v, f"{self.root} failure record")}
+                for k, v in sorted(open_.items())]
 
     def shards(self) -> dict[str, dict[str, Any]]:
         st = self._open()
