@@ -189,7 +189,8 @@ def run_demo(out: str | Path, *, size: str = "full", detector_weights: str | Non
     times.run("gallery build", lambda: cli(build), log)
     times.run("text tag", lambda: cli(["text", "tag", "--input", str(captions), "--concepts", str(gallery),
                                        "--out", str(text), "--synonyms", "wordnet", "--no-progress"]), log)
-    feature_dim = GalleryReader(gallery).feature_dim
+    g = GalleryReader(gallery)  # opens its LMDB parts lazily: nothing held while training reads them
+    feature_dim = g.feature_dim
     times.run("train", lambda: cli(["train", "--config", str(config_path("pretrain", "tiny.yaml")),
                                     f"model.feature_dim={feature_dim}",
                                     f"data.gallery={gallery}", f"data.text_stores=[{text}]",
@@ -199,7 +200,7 @@ def run_demo(out: str | Path, *, size: str = "full", detector_weights: str | Non
     times.run("mix show", lambda: cli(["mix", "show", "--text", str(text), "--gallery", str(gallery),
                                        "--n", "12", "--out", str(out / "mix.html")]), log)
 
-    g, t = GalleryReader(gallery), TextStoreReader(text)
+    t = TextStoreReader(text)
     counts = g.concept_counts()
     top = [int(c) for c in np.argsort(-counts, kind="stable")[:3] if counts[c] > 0]
     grids = []
