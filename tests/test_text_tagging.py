@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from pipeline.text.concepts import ConceptMapping, MappingEntry  # noqa: E402
 from pipeline.text.corpus import open_corpus_files  # noqa: E402
 from pipeline.text.display import iter_dump_records, mark_sentence  # noqa: E402
+from pipeline.text.gemm import NumpyGemmOps  # noqa: E402
 from pipeline.text.job import TagJobConfig, run_tag_job  # noqa: E402
 from pipeline.text.resolve import build_mapping  # noqa: E402
 from pipeline.text.spacy_model import load_spacy, model_label, resolve_model_name  # noqa: E402
@@ -351,20 +353,66 @@ def test_concepts_from_a_gallery(tmp_path, nlp, tokenizer):
     assert TextStoreReader(store, expect_concepts_sha256=concepts.sha256).concepts == concepts
 
 
-def test_fast_attribute_rules_change_nothing(tmp_path, nlp, tokenizer):
-    """The stand-in for spaCy's attribute ruler matching gives the same tags, lemmas and stores."""
+def test_fast_spacy_paths_change_nothing(tmp_path, nlp, tokenizer):
+    """The stand-ins for spaCy's attribute ruler and lemmatizer and the numpy-BLAS products give
+    the same tags, lemmas and stores as spaCy loaded as it ships."""
     from pipeline.text.attribute_rules import FastAttributeRuler, _signature, annotator
 
+    plain = load_spacy.__wrapped__(resolve_model_name(None))  # a fresh copy, never switched
     annotate = annotator(nlp)
     assert getattr(annotate, "fast", False)
     texts = SENTENCES + ["I'd've thought y'all ain't nothin' like 'em.", "Nobody wants something that big.",
                          "Whether it rains or not, the kids gonna play outside 'til 5 p.m."]
-    assert [_signature(d) for d in annotate(texts)] == [_signature(d) for d in nlp.pipe(texts)]
+    assert [_signature(d) for d in annotate(texts)] == [_signature(d) for d in plain.pipe(texts)]
     fast, _ = _tag(tmp_path, nlp, tokenizer, texts, out="fast")
-    exact, _ = _tag(tmp_path, nlp, tokenizer, texts, out="exact", fast_attribute_rules=False)
+    assert isinstance(nlp.get_pipe("tok2vec").model.ops, NumpyGemmOps)
+    exact, _ = _tag(tmp_path, plain, tokenizer, texts, out="exact", fast_spacy=False)
+    assert not isinstance(plain.get_pipe("tok2vec").model.ops, NumpyGemmOps)
     assert list(iter_dump_records(TextStoreReader(fast))) == list(iter_dump_records(TextStoreReader(exact)))
 
     class Ruler:  # a rule this stand-in does not understand -> the real component is kept
         patterns = [{"patterns": [[{"LOWER": "a", "OP": "+"}]], "attrs": {}, "index": 0}]
 
     assert FastAttributeRuler.build(Ruler()) is None
+
+
+def test_numpy_gemm_is_self_checked_and_single_threaded(monkeypatch):
+    """The switch keeps spaCy's own ops when annotations would change, leaves non-CPU ops alone,
+    and multiplies with BLAS limited to one thread."""
+    import numpy
+    import threadpoolctl
+    from thinc.api import Ops
+
+    from pipeline.text import gemm
+
+    def fresh():
+        return load_spacy.__wrapped__(resolve_model_name(None))
+
+    model = fresh()
+    before = [n.ops for n in gemm._models(model)]
+    monkeypatch.setattr(gemm.NumpyGemmOps, "gemm", lambda self, x, y, **kw: numpy.zeros(
+        (x.shape[1] if kw.get("trans1") else x.shape[0], y.shape[0] if kw.get("trans2") else y.shape[1]),
+        dtype=x.dtype))
+    assert gemm.use_numpy_gemm(model) is False  # wrong products change the tags -> restored
+    assert [n.ops for n in gemm._models(model)] == before
+    monkeypatch.undo()
+
+    model = fresh()
+    gemm._models(model)[0].ops = Ops()  # e.g. a layer on another device: not all NumpyOps
+    assert gemm.use_numpy_gemm(model) is False
+    assert not any(isinstance(n.ops, NumpyGemmOps) for n in gemm._models(model))
+
+    threads = []
+    dot = numpy.dot
+
+    def spy(*a, **kw):
+        threads.extend(i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas")
+        return dot(*a, **kw)
+
+    ops = NumpyGemmOps()
+    monkeypatch.setattr(numpy, "dot", spy)
+    x, y = numpy.ones((3, 4), dtype="f"), numpy.ones((5, 4), dtype="f")
+    assert ops.gemm(x, y, trans2=True).tolist() == [[4.0] * 5] * 3
+    assert threads and set(threads) == {1}
+    again = pickle.loads(pickle.dumps(ops))  # spaCy's n_process workers may pickle the model
+    assert isinstance(again, NumpyGemmOps) and again.gemm(x, y, trans2=True).tolist() == [[4.0] * 5] * 3

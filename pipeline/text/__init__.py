@@ -6,6 +6,7 @@ Stages, one module each:
   spacy_model.py  which spaCy pipeline, loaded once per process (tagger + lemmatizer only)
   attribute_rules.py  exact, faster stand-ins for spaCy's attribute ruler matching and
                   lemmatizer loop (self-checked against the real pipeline at load)
+  gemm.py         the network's matrix products on numpy's BLAS, one thread (self-checked)
   resolve.py      user arguments -> concepts (file or gallery), mapping, checked up front
   concepts.py     the word -> concept mapping (explicit, TSV) and the longest-match matcher
   synonyms.py     WordNet synonyms for that mapping, versioned, with a stop-list
