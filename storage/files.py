@@ -5,7 +5,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -79,3 +79,17 @@ def dir_size(path: str | Path) -> int:
             except OSError:
                 pass
     return total
+
+
+def check_format(meta: Mapping[str, Any], path: Path, *, name: str, version: int, what: str, remedy: str) -> None:
+    """Refuse a header or manifest of another format or version, saying how to get a readable one.
+
+    One rule for both stores: a store written by another format version is never read
+    half-way, it is rebuilt (`remedy`) or read with the vlmixer that wrote it."""
+    from vlmixer.errors import StoreError
+
+    if meta.get("format") != name:
+        raise StoreError(f"{path}: not a vlmixer {what} (format={meta.get('format')!r})")
+    if meta.get("version") != version:
+        raise StoreError(f"{path}: {what} format version {meta.get('version')!r}, this vlmixer reads "
+                         f"version {version}; {remedy} or use a matching vlmixer")

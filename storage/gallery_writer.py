@@ -18,6 +18,7 @@ import lmdb
 import msgpack
 import numpy as np
 
+from storage import files
 from storage import gallery_format as fmt
 from storage.files import atomic_write_json, read_json_object
 from storage.lmdb_env import open_env, release_env
@@ -262,11 +263,8 @@ def ensure_header(root: Path, header: dict[str, Any]) -> None:
 
 
 def check_format(meta: Mapping[str, Any], path: Path) -> None:
-    if meta.get("format") != fmt.FORMAT_NAME:
-        raise StoreError(f"{path}: not a vlmixer gallery (format={meta.get('format')!r})")
-    if meta.get("version") != fmt.FORMAT_VERSION:
-        raise StoreError(f"{path}: gallery format version {meta.get('version')!r}, this vlmixer reads "
-                         f"version {fmt.FORMAT_VERSION}; rebuild the gallery or use a matching vlmixer")
+    files.check_format(meta, path, name=fmt.FORMAT_NAME, version=fmt.FORMAT_VERSION, what="gallery",
+                       remedy="rebuild the gallery")
 
 
 def open_part_readonly(path: Path) -> lmdb.Environment:

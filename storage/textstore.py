@@ -30,7 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from storage.files import atomic_write_json, read_json_object, sha256_file
+from storage.files import atomic_write_json, check_format, read_json_object, sha256_file
 from storage.vocab import Vocabulary
 from vlmixer.errors import StoreError
 
@@ -61,11 +61,8 @@ class Sentence:
 
 
 def _check_format(meta: Mapping[str, Any], path: Path) -> None:
-    if meta.get("format") != FORMAT_NAME:
-        raise StoreError(f"{path}: not a vlmixer text store (format={meta.get('format')!r})")
-    if meta.get("version") != FORMAT_VERSION:
-        raise StoreError(f"{path}: text store format version {meta.get('version')!r}, this vlmixer reads "
-                         f"version {FORMAT_VERSION}; re-run `vlmixer text tag` or use a matching vlmixer")
+    check_format(meta, path, name=FORMAT_NAME, version=FORMAT_VERSION, what="text store",
+                 remedy="re-run `vlmixer text tag`")
 
 
 def _ragged(chunks: Sequence[np.ndarray], dtype: str, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
