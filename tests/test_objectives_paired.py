@@ -66,8 +66,29 @@ def test_pairs_link_captions_to_their_images(stores: tuple[Path, Path]) -> None:
         assert np.array_equal(cpatch.feats, g.features([pid]))
         span = [sp for sp in s.spans if sp.concept == ex.concept][0]
         assert ctext.ids[1:-1].tolist() == s.tokens[span.tok_start: span.tok_end].tolist()
-    # a caption keyed to no gallery image is skipped, and the count says so
-    assert PairIndex([t], GalleryReader(stores[0])).skipped == 0
+
+
+def test_unpaired_captions_are_counted_and_explained(stores: tuple[Path, Path], tmp_path: Path) -> None:
+    """Captions keyed to no gallery image (or to none at all) are skipped and counted; when none
+    pairs, the error shows keys of both sides and the --image-key remedy."""
+    from trainer.synthetic import random_sentences, write_text_store
+
+    g = GalleryReader(stores[0])
+    vocab = TextStoreReader(stores[1]).vocab_file
+    keys = ["img0", "000000000001.jpg", "", "img1", "000000000001.jpg"]
+    t = TextStoreReader(write_text_store(tmp_path / "mixed", CONCEPTS, vocab, random_sentences(5, seed=3),
+                                         image_keys=keys))
+    idx = PairIndex([t], g)
+    assert idx.sentence.tolist() == [0, 3] and idx.image.tolist() == [g.image_index("img0"), g.image_index("img1")]
+    assert (idx.skipped, idx.without_key, idx.unmatched) == (3, 1, ["000000000001.jpg"])
+
+    t = TextStoreReader(write_text_store(tmp_path / "ids", CONCEPTS, vocab, random_sentences(2, seed=4),
+                                         image_keys=["391895", "522418"]))
+    with pytest.raises(ConfigError) as e:
+        PairedDataset(corpus=TextCorpus([t]), index=PairIndex([t], g), gallery=g, vocab=WordPieceVocab.read(vocab),
+                      tag_pieces=[], max_caption_tokens=24, max_patches=8, seed=0)
+    msg = str(e.value)
+    assert "2 sentences unpaired" in msg and "'391895'" in msg and "'img0'" in msg and "--image-key id" in msg
 
 
 def test_fuse_and_select_rows(stores: tuple[Path, Path]) -> None:

@@ -43,6 +43,9 @@ class PairIndex:
     def __init__(self, readers: Sequence[TextStoreReader], gallery: GalleryReader) -> None:
         sent, image = [], []
         self.skipped = 0
+        self.without_key = 0
+        self.unmatched: list[str] = []  # a few caption keys the gallery lacks, for error messages
+        self.gallery = gallery
         cache: dict[str, int] = {}
         base = 0
         for r in readers:
@@ -63,12 +66,25 @@ class PairIndex:
                         image.append(idx)
                     else:
                         self.skipped += 1
+                        if not key:
+                            self.without_key += 1
+                        elif len(self.unmatched) < 3 and key not in self.unmatched:
+                            self.unmatched.append(key)
             base += len(r)
         self.sentence = np.asarray(sent, dtype=np.int64)
         self.image = np.asarray(image, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.sentence)
+
+    def explain(self) -> str:
+        """Why captions found no image: counts, example keys of both sides and the usual cause."""
+        g = self.gallery
+        gallery_keys = [g.image(i).key for i in range(min(3, g.num_images))]
+        return (f"{self.skipped} sentences unpaired ({self.without_key} without an image key); caption keys "
+                f"such as {self.unmatched} vs gallery {g.root} keys such as {gallery_keys}. A gallery built "
+                "from a folder keys images by relative path (= COCO file_name, the default of `vlmixer text "
+                "tag --image-key`); one built from a COCO json keys them by image id: tag with `--image-key id`")
 
 
 def _text_row(ids: np.ndarray) -> Row:
@@ -121,9 +137,8 @@ class PairedDataset(torch.utils.data.Dataset):
                  tag_pieces: Sequence[np.ndarray], max_caption_tokens: int, max_patches: int, seed: int,
                  mask: MaskSpec | None = None) -> None:
         if len(index) == 0:
-            raise ConfigError(f"no caption of data.paired_text_stores has an image key found in the gallery "
-                              f"{gallery.root} ({index.skipped} sentences skipped); tag the captions with "
-                              "`vlmixer text tag --format coco` over the gallery's images")
+            raise ConfigError("no caption of data.paired_text_stores has an image key found in the gallery: "
+                              f"{index.explain()}")
         self.corpus, self.index, self.gallery, self.vocab = corpus, index, gallery, vocab
         self.tag_pieces = list(tag_pieces)
         self.max_caption_tokens, self.max_patches = max_caption_tokens, max_patches

@@ -107,8 +107,7 @@ def paired_set(texts: Sequence[TextStoreReader], gallery: GalleryReader, n_image
     """The first `n_images` distinct images that have captions (in caption order), with all their captions."""
     idx = PairIndex(texts, gallery)
     if len(idx) == 0:
-        raise VlmixerError(f"no caption has an image key found in the gallery {gallery.root} "
-                           f"({idx.skipped} sentences without a match)")
+        raise VlmixerError(f"no caption has an image key found in the gallery: {idx.explain()}")
     order: dict[int, int] = {}
     for im in idx.image.tolist():
         if im not in order and (n_images is None or len(order) < n_images):
