@@ -121,6 +121,19 @@ def test_killed_and_resumed_equals_uninterrupted(tmp_path, nlp):
     assert again["summary"]["sentences_this_run"] == 0 and store_content(out) == store_content(ref)
 
 
+def test_spacy_n_process_matches_one_process(tmp_path, nlp):
+    """spaCy's own worker processes (`--n-process`) carry the faster paths and change no output."""
+    import dataclasses
+
+    corpus = write_corpus(tmp_path / "c.txt", 120)
+    one = make_config(corpus, tmp_path / "one", nlp, 60)
+    two = dataclasses.replace(make_config(corpus, tmp_path / "two", nlp, 60), n_process=2, batch_size=16)
+    run_tag_job(one, progress=False, nlp=nlp)
+    run_tag_job(two, progress=False, nlp=nlp)
+    assert store_content(tmp_path / "two") == store_content(tmp_path / "one")
+    assert len(store_content(tmp_path / "one")) == 120 - 3
+
+
 def test_shard_callable_is_plain_and_picklable(tmp_path, nlp):
     import pickle
 
