@@ -108,14 +108,22 @@ class ObjectiveConfig:
     # itc: ALBEF's momentum ITC + distillation over the views (CMCL with momentum, queues, soft targets);
     # lmi: TCL's LMI between one view's [CLS] and the other view's tokens
     views: dict[str, float] = field(default_factory=dict)
-    # ITC/IMC/LMI temperature (ALBEF: 0.07)
+    # ITC/IMC/LMI temperature (ALBEF: 0.07): the initial value when it is learnt
     itc_tau: float = 0.07
+    # ALBEF, TCL and X-VLM learn the temperature: a parameter starting at itc_tau, trained with the model
+    # and clamped into itc_tau_range before each forward (ALBEF: [0.001, 0.5]); false keeps it at itc_tau
+    itc_tau_learnable: bool = True
+    itc_tau_range: list[float] = field(default_factory=lambda: [0.001, 0.5])
     # EMA coefficient of the momentum model (ALBEF: 0.995)
     momentum: float = 0.995
     # momentum features kept per modality for ITC/IMC negatives (ALBEF: 65536; 0 = in-batch only)
     queue_size: int = 65536
     # momentum distillation: weight of the momentum model's soft targets against one-hot (ALBEF: 0.4)
     distill_alpha: float = 0.4
+    # ALBEF ramps alpha up linearly from 0 over the first epoch (alpha * min(1, i / batches per epoch)),
+    # since the momentum model's targets are still poor then: -1 = one epoch of the task's data (ALBEF),
+    # 0 = full alpha from the first batch, n > 0 = over the first n batches
+    distill_rampup: int = -1
     # TCL's visual augmentation of the paired image: Gaussian feature noise (x each feature's std)
     # and the probability of dropping a patch; 0 = off (text views differ by dropout)
     aug_feature_noise: float = 0.0
@@ -258,3 +266,8 @@ def _validate_paired(cfg: TrainConfig) -> None:
         raise ConfigError("objective: itc_tau > 0, momentum in [0, 1), queue_size >= 0, distill_alpha in [0, 1]")
     if o.aug_feature_noise < 0 or not 0 <= o.aug_patch_drop < 1:
         raise ConfigError("objective.aug_feature_noise >= 0 and aug_patch_drop in [0, 1) required")
+    if len(o.itc_tau_range) != 2 or not 0 < o.itc_tau_range[0] <= o.itc_tau <= o.itc_tau_range[1]:
+        raise ConfigError(f"objective.itc_tau_range={o.itc_tau_range}: [low, high] with 0 < low <= itc_tau "
+                          f"({o.itc_tau}) <= high")
+    if o.distill_rampup < -1:
+        raise ConfigError(f"objective.distill_rampup={o.distill_rampup}: -1 (one epoch), 0 (off) or a batch count")

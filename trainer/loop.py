@@ -211,6 +211,8 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
                           seed=cfg.run.seed, num_workers=cfg.data.num_workers,
                           prefetch_factor=cfg.data.prefetch_factor, pin_memory=info.device.type == "cuda",
                           consumed=consumed)
+    if pre.paired is not None:  # ALBEF's distillation ramp-up spans one epoch of each task's data
+        pre.paired.set_epoch_batches({t: smp.per_epoch for t, smp in loaders.samplers.items()})
     use_bf16 = info.device.type == "cuda" and cfg.run.precision == "bf16"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     log = _Log(cfg, out, start_step, info.is_main)

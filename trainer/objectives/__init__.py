@@ -56,7 +56,8 @@ class Pretrainer(nn.Module):
                    "mlm_tokens": torch.tensor(float(n_mlm)), "cmcl_candidates": torch.tensor(float(n_neg))}
             if self.paired is not None and self.paired.view_weights:  # objective.views on the CMC views
                 for name, term in self.paired.views(m, batch, enc).items():
-                    total = total + self.paired.view_weights[name[len("view_"):]] * term
+                    if name.startswith("view_"):  # the rest (the temperature) is logged only
+                        total = total + self.paired.view_weights[name[len("view_"):]] * term
                     res[name] = term.detach()
             return {"loss": total, **res}
         if task == "tavp":

@@ -79,20 +79,61 @@ def soft_contrastive(sim: torch.Tensor, sim_m: torch.Tensor | None, alpha: float
     return -(F.log_softmax(sim, dim=1) * target).sum(1).mean()
 
 
+class Temperature(nn.Module):
+    """ALBEF's learnt contrastive temperature: `nn.Parameter(tau)`, clamped into [low, high] before use.
+
+    Why learnt: the right sharpness depends on how spread the features are,
+    which changes during training (ALBEF, TCL and X-VLM all learn it). The
+    clamp runs under no_grad on the parameter itself, as ALBEF's
+    `self.temp.clamp_(0.001, 0.5)`, so the optimiser sees the clamped value;
+    a fixed temperature is the same parameter with requires_grad off, so
+    checkpoints hold it either way.
+    """
+
+    def __init__(self, tau: float, low: float, high: float, learnable: bool = True) -> None:
+        super().__init__()
+        self.low, self.high = float(low), float(high)
+        self.tau = nn.Parameter(torch.tensor(float(tau)), requires_grad=learnable)
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        self.tau.clamp_(self.low, self.high)
+
+    def forward(self) -> torch.Tensor:
+        """The temperature as a 0-d tensor that carries the gradient when learnt."""
+        return self.tau
+
+
+def ramped_alpha(alpha: float, seen: int, rampup: int) -> float:
+    """ALBEF's distillation weight on batch `seen` (0-based): alpha * min(1, seen / rampup); rampup <= 0 = alpha.
+
+    Why: in the first epoch the momentum model is barely trained, so its soft
+    targets are close to uniform; ALBEF lets them in gradually
+    (`alpha * min(1, i / len(data_loader))` in epoch 0).
+    """
+    if rampup <= 0:
+        return float(alpha)
+    return float(alpha) * min(1.0, seen / rampup)
+
+
 def itc_loss(img: torch.Tensor, txt: torch.Tensor, img_m: torch.Tensor, txt_m: torch.Tensor,
-             img_queue: torch.Tensor, txt_queue: torch.Tensor, tau: float, alpha: float) -> torch.Tensor:
+             img_queue: torch.Tensor, txt_queue: torch.Tensor, tau: float | torch.Tensor, alpha: float
+             ) -> torch.Tensor:
     """ALBEF's ITC: (L_i2t + L_t2i) / 2 against momentum features of the batch and the queues.
 
     All inputs are unit vectors: online (B, d) with gradients, momentum (B, d)
     and queues (Q, d) without. Candidates of an image are the momentum texts
     of the batch then the text queue; distillation targets come from the
-    momentum image's similarities to the same candidates.
+    momentum image's similarities to the same candidates. `tau` may be a
+    learnt 0-d tensor: the online similarities pass its gradient, the
+    targets use its value only.
     """
     txt_all = torch.cat([txt_m, txt_queue]).detach()
     img_all = torch.cat([img_m, img_queue]).detach()
     sim_i2t, sim_t2i = img @ txt_all.t() / tau, txt @ img_all.t() / tau
     with torch.no_grad():
-        sim_i2t_m, sim_t2i_m = img_m @ txt_all.t() / tau, txt_m @ img_all.t() / tau
+        tau_m = tau.detach() if isinstance(tau, torch.Tensor) else tau
+        sim_i2t_m, sim_t2i_m = img_m @ txt_all.t() / tau_m, txt_m @ img_all.t() / tau_m
     return (soft_contrastive(sim_i2t, sim_i2t_m, alpha) + soft_contrastive(sim_t2i, sim_t2i_m, alpha)) / 2
 
 

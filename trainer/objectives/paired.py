@@ -5,6 +5,9 @@ and the feature queues exist only when a term needs them (itc, imc, lmi);
 they are buffers and frozen parameters of this module, so the checkpoint
 carries them (`Pretrainer.extra_state`) and a resume continues exactly.
 The EMA update happens at the start of each training forward, as ALBEF does.
+The contrastive terms share one learnt temperature (ALBEF's `temp`), and
+the distillation weight ramps up over the first epoch of each task's data
+(`objective.distill_rampup`), counted by buffers so a resume continues it.
 """
 from __future__ import annotations
 
@@ -17,10 +20,12 @@ from trainer.model import Encoded, VLMixerModel
 from trainer.objectives.albef import (
     FeatureQueue,
     ITMHead,
+    Temperature,
     ema_update,
     itc_loss,
     itm_loss,
     make_momentum_copy,
+    ramped_alpha,
     sample_hard_negatives,
 )
 from trainer.objectives.tcl import augment_patches, infonce, lmi_loss
@@ -47,6 +52,45 @@ class PairedObjectives(nn.Module):
             self.view_t_queue = FeatureQueue(objective.queue_size, d)
         self.itm_head = ITMHead(H) if on & {"itm", "concept_itm"} else None
         self.box_head = BoxHead(H, eps=model.config.layer_norm_eps) if "box" in on else None
+        # one temperature for the paired contrastive terms, as ALBEF/TCL/X-VLM's `temp`; the CMC-view terms
+        # (VALP steps: other data, other feature spread) learn their own
+        lo, hi = objective.itc_tau_range
+
+        def temperature(needed: bool) -> Temperature | None:
+            return Temperature(objective.itc_tau, lo, hi, objective.itc_tau_learnable) if needed else None
+
+        self.temp = temperature(bool(on & {"itc", "imc", "lmi", "concept_itc"}))
+        self.view_temp = temperature(bool(self.view_weights))
+        # batches trained so far per task, for the distillation ramp-up (paired steps and VALP view steps)
+        if "itc" in on:
+            self.register_buffer("paired_batches", torch.zeros((), dtype=torch.long))
+        if "itc" in self.view_weights:
+            self.register_buffer("view_batches", torch.zeros((), dtype=torch.long))
+        self.epoch_batches: dict[str, int] = {}
+
+    def set_epoch_batches(self, per_epoch: dict[str, int]) -> None:
+        """Micro-batches per epoch of each task's data on one process (the loop's samplers know them).
+
+        With `objective.distill_rampup` -1 the distillation weight ramps up over
+        one epoch, ALBEF's `len(data_loader)`; until this is called (a module
+        used outside the training loop) there is no ramp.
+        """
+        self.epoch_batches = {k: int(v) for k, v in per_epoch.items()}
+
+    def _alpha(self, counter: torch.Tensor, task: str) -> float:
+        """The distillation weight for this batch, and one batch more counted when training."""
+        o = self.obj
+        rampup = o.distill_rampup if o.distill_rampup >= 0 else self.epoch_batches.get(task, 0)
+        alpha = ramped_alpha(o.distill_alpha, int(counter), rampup)
+        if self.training:
+            counter.add_(1)
+        return alpha
+
+    @staticmethod
+    def _tau(temp: Temperature | None) -> torch.Tensor:
+        assert temp is not None
+        temp.clamp_()
+        return temp()
 
     def _augment(self, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
         o = self.obj
@@ -82,6 +126,7 @@ class PairedObjectives(nn.Module):
         """
         assert self.momentum is not None
         o, w = self.obj, self.view_weights
+        tau = self._tau(self.view_temp)
         B = batch["input_ids"].shape[0] // 2
         proj = F.normalize(model.project(enc.cls).float(), dim=-1)
         t, s = proj[:B], proj[B:]
@@ -94,7 +139,7 @@ class PairedObjectives(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if "itc" in w:
             terms["view_itc"] = itc_loss(s, t, s_m, t_m, self.view_s_queue.feats, self.view_t_queue.feats,
-                                         o.itc_tau, o.distill_alpha)
+                                         tau, self._alpha(self.view_batches, "valp"))
         if "lmi" in w:
             with torch.no_grad():
                 local = F.normalize(self.momentum.project(enc_m.hidden).float(), dim=-1)
@@ -102,15 +147,17 @@ class PairedObjectives(nn.Module):
                 n = batch["attention_mask"].sum(1, keepdim=True)
                 slot = torch.arange(attn.shape[1], device=attn.device)[None, :]
                 inner = attn & (slot > 0) & (slot < n - 1)
-            terms["view_lmi"] = (lmi_loss(t, local[B:], inner[B:], o.itc_tau)
-                                 + lmi_loss(s, local[:B], inner[:B], o.itc_tau)) / 2
+            terms["view_lmi"] = (lmi_loss(t, local[B:], inner[B:], tau)
+                                 + lmi_loss(s, local[:B], inner[:B], tau)) / 2
         if self.training and "itc" in w:
             self.view_s_queue.enqueue(s_m)
             self.view_t_queue.enqueue(t_m)
+        terms["temp"] = tau.detach()  # logged, not a loss: Pretrainer leaves it out of the total
         return terms
 
     def forward(self, model: VLMixerModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         o, w = self.obj, self.weights
+        tau = self._tau(self.temp) if self.temp is not None else None
         dev = batch["input_ids"].device
         B = batch["input_ids"].shape[0] // int(batch["n_views"])
         ar = torch.arange(B, device=dev)
@@ -135,11 +182,11 @@ class PairedObjectives(nn.Module):
                 proj_m = F.normalize(self.momentum.project(enc_m.cls).float(), dim=-1)
                 txt_m, img_m = proj_m[:B], proj_m[B:]
         if "itc" in w:
-            terms["itc"] = itc_loss(img, txt, img_m, txt_m, self.img_queue.feats, self.txt_queue.feats, o.itc_tau,
-                                    o.distill_alpha)
+            terms["itc"] = itc_loss(img, txt, img_m, txt_m, self.img_queue.feats, self.txt_queue.feats, tau,
+                                    self._alpha(self.paired_batches, "paired"))
         if "imc" in w:
-            terms["imc"] = (infonce(img, img_m, self.img_queue.feats, o.itc_tau)
-                            + infonce(txt, txt_m, self.txt_queue.feats, o.itc_tau)) / 2
+            terms["imc"] = (infonce(img, img_m, self.img_queue.feats, tau)
+                            + infonce(txt, txt_m, self.txt_queue.feats, tau)) / 2
         if "lmi" in w:
             with torch.no_grad():
                 local = F.normalize(self.momentum.project(enc_m.hidden).float(), dim=-1)
@@ -148,8 +195,8 @@ class PairedObjectives(nn.Module):
                 slot = torch.arange(attn.shape[1], device=dev)[None, :]
                 words = attn & (slot > 0) & (slot < n - 1) & ~mb["is_patch"]  # caption word-pieces
                 patches = attn & mb["is_patch"]
-            terms["lmi"] = (lmi_loss(img, local[B:], patches[B:], o.itc_tau)
-                            + lmi_loss(txt, local[:B], words[:B], o.itc_tau)) / 2
+            terms["lmi"] = (lmi_loss(img, local[B:], patches[B:], tau)
+                            + lmi_loss(txt, local[:B], words[:B], tau)) / 2
         if "itm" in w:
             same = batch["image_ids"][:, None] == batch["image_ids"][None, :]
             terms["itm"] = self._itm(model, batch, T, V, (img @ txt.t()).detach(), same)
@@ -173,7 +220,7 @@ class PairedObjectives(nn.Module):
             cid = batch["concept_ids"][has]
             if "concept_itc" in w:
                 if len(has):
-                    logits = ct @ cv.t() / o.itc_tau
+                    logits = ct @ cv.t() / tau
                     tgt = torch.arange(len(has), device=dev)
                     terms["concept_itc"] = (F.cross_entropy(logits, tgt) + F.cross_entropy(logits.t(), tgt)) / 2
                 else:
@@ -190,4 +237,6 @@ class PairedObjectives(nn.Module):
         total = sum(w[k] * terms[k] for k in terms)
         out = {"loss": total, **{k: v.detach() for k, v in terms.items()}, **extra}
         out["pairs"] = torch.tensor(float(B))
+        if tau is not None:
+            out["temp"] = tau.detach()
         return out

@@ -12,14 +12,16 @@ import torch
 import torch.nn.functional as F
 
 
-def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, tau: float) -> torch.Tensor:
+def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, tau: float | torch.Tensor
+            ) -> torch.Tensor:
     """-mean_i log softmax_j(q_i . c_j / tau)[i], candidates c = [k (B, d); queue (Q, d)]; k_i is q_i's positive."""
     cand = k.detach() if queue is None else torch.cat([k.detach(), queue.detach()])
     logits = q @ cand.t() / tau
     return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
 
 
-def lmi_loss(glob: torch.Tensor, local: torch.Tensor, local_mask: torch.Tensor, tau: float) -> torch.Tensor:
+def lmi_loss(glob: torch.Tensor, local: torch.Tensor, local_mask: torch.Tensor, tau: float | torch.Tensor
+             ) -> torch.Tensor:
     """Global-local InfoNCE: each global g_i against every valid local token of the batch.
 
     glob (B, d) and local (B, T, d) are unit vectors, local_mask (B, T) marks
