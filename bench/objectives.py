@@ -80,6 +80,9 @@ def main() -> int:
                     help="VLMixer steps that pretrain the tiny BERT the runs start from (0: random init)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    # `--configs a b KEY=VALUE` would take the override for a config name: sort them apart
+    args.overrides = [*args.overrides, *(c for c in args.configs if "=" in c)]
+    args.configs = [c for c in args.configs if "=" not in c]
     torch.set_num_threads(1)
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as d:

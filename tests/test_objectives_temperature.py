@@ -152,3 +152,31 @@ def test_checkpoint_state_carries_temperature_and_ramp(stores: tuple[Path, Path]
     b.load_extra_state(state)
     assert b.paired.temp.tau.item() == pytest.approx(0.031) and int(b.paired.paired_batches) == 7
     assert isinstance(b, Pretrainer) and b.obj == ObjectiveConfig(paired={"itc": 1.0}, queue_size=8)
+
+
+def test_itm_hard_negatives_are_drawn_by_similarity_over_temperature(stores: tuple[Path, Path],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """ALBEF draws ITM negatives by softmax(sim / temp): the sampler sees the ITC logits, not cosines."""
+    ds = dataset(stores)
+    got: dict[str, list] = {"itc": [], "sim": []}
+    real_itc, real_hard = paired_mod.itc_loss, paired_mod.sample_hard_negatives
+
+    def itc_spy(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+        got["itc"].append((args[0].detach(), args[1].detach(), float(args[6].detach())))
+        return real_itc(*args, **kw)
+
+    def hard_spy(sim, same, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        got["sim"].append(sim.clone())
+        return real_hard(sim, same, *a, **kw)
+
+    monkeypatch.setattr(paired_mod, "itc_loss", itc_spy)
+    monkeypatch.setattr(paired_mod, "sample_hard_negatives", hard_spy)
+    pre = make_pre(ds.vocab.size, {"itc": 1.0, "itm": 1.0})
+    with torch.no_grad():
+        pre.paired.temp.tau.fill_(0.05)
+    pre.train()
+    pre(collate_paired([ds[(0, i)] for i in range(6)]), "paired")
+    (img, txt, tau), = got["itc"]
+    assert tau == pytest.approx(0.05)
+    assert torch.allclose(got["sim"][0], img @ txt.t() / 0.05, atol=1e-5)  # image rows -> text columns
+    assert torch.allclose(got["sim"][1], (img @ txt.t() / 0.05).t(), atol=1e-5)

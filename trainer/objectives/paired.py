@@ -104,7 +104,7 @@ class PairedObjectives(nn.Module):
     def _itm(self, model: VLMixerModel, batch: dict[str, torch.Tensor], t_rows: torch.Tensor,
              v_rows: torch.Tensor, sim: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         """ALBEF's ITM: B positives, then for each image a hard negative text and for each text a hard
-        negative image, drawn by softmax of the (detached) contrastive similarity."""
+        negative image, drawn by softmax of `sim`, the (detached) contrastive logits (cosine / tau)."""
         assert self.itm_head is not None
         neg_t, ok_t = sample_hard_negatives(sim, same)  # row i: an image, column: a text
         neg_v, ok_v = sample_hard_negatives(sim.t(), same.t())
@@ -158,6 +158,8 @@ class PairedObjectives(nn.Module):
     def forward(self, model: VLMixerModel, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         o, w = self.obj, self.weights
         tau = self._tau(self.temp) if self.temp is not None else None
+        # ITM's hard negatives are drawn by softmax(similarity / temperature), as ALBEF's `sim_i2t`
+        hard_tau = tau.detach() if tau is not None else o.itc_tau
         dev = batch["input_ids"].device
         B = batch["input_ids"].shape[0] // int(batch["n_views"])
         ar = torch.arange(B, device=dev)
@@ -199,7 +201,7 @@ class PairedObjectives(nn.Module):
                             + lmi_loss(txt, local[:B], words[:B], tau)) / 2
         if "itm" in w:
             same = batch["image_ids"][:, None] == batch["image_ids"][None, :]
-            terms["itm"] = self._itm(model, batch, T, V, (img @ txt.t()).detach(), same)
+            terms["itm"] = self._itm(model, batch, T, V, (img @ txt.t()).detach() / hard_tau, same)
         if "mlm" in w:  # ALBEF's MLM: the masked caption fused with its image
             fused = fuse(batch, (ar + N_VIEWS * B).tolist(), V.tolist())
             terms["mlm"], n_mlm = mlm_loss(model.mlm_logits, model.encode(fused).hidden, fused["mlm_labels"])
@@ -228,7 +230,8 @@ class PairedObjectives(nn.Module):
             if "concept_itm" in w:
                 if len(has):
                     same = cid[:, None] == cid[None, :]
-                    terms["concept_itm"] = self._itm(model, batch, CT[has], CV[has], (cv @ ct.t()).detach(), same)
+                    terms["concept_itm"] = self._itm(model, batch, CT[has], CV[has], (cv @ ct.t()).detach() / hard_tau,
+                                                     same)
                 else:
                     terms["concept_itm"] = proj.sum() * 0.0
         if self.training and hasattr(self, "img_queue"):
