@@ -20,6 +20,7 @@ from test_gallery_build_support import (
     TINY_CONFIG,
     assert_same_gallery,
     gallery_contents,
+    ray_env,
     write_bad_images,
     write_images,
     write_labelmap,
@@ -119,6 +120,38 @@ def test_two_node_cluster_with_fake_gpu_equals_inprocess(data, reference) -> Non
     r.close()
     # the detector actor ran where the (fake) GPU is, and fell back to the CPU there
     assert workers and all(f"node={gpu_node.node_id[:12]}" in w and ":cpu:" in w for w in workers), workers
+
+
+def test_a_crashing_decode_worker_fails_only_its_image(data, reference, tmp_path) -> None:
+    """A decode worker that dies on one image (segfault, OOM kill) costs that image only: its batch is
+    split and re-run image by image, the culprit is recorded as failed and every other image is kept."""
+    import shutil
+
+    import ray
+
+    images = tmp_path / "images"
+    shutil.copytree(data["images"], images)
+    shutil.copy(images / "astronaut.jpg", images / "crash-me.jpg")
+    env = ray_env()
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={
+        "worker_process_setup_hook": "gallery_crash_hook.install",
+        "env_vars": {"PYTHONPATH": env["PYTHONPATH"], "RAY_AUTH_MODE": "disabled"}})
+    try:
+        out = tmp_path / "crash"
+        report = build_gallery(BuildOptions(images=str(images), detector=str(TINY_CONFIG), out=str(out),
+                                            labelmap=str(data["labelmap"]), ray_address="auto", threads=1,
+                                            shard_size=3, batch_size=3, progress=False))
+    finally:
+        ray.shutdown()
+    assert report.exit_code == EXIT_SOME_FAILED
+    got, ref = gallery_contents(out), gallery_contents(reference[0])
+    reason = got["failures"].pop("crash-me.jpg")
+    assert reason.startswith("worker crashed"), reason
+    assert got["failures"] == ref["failures"]
+    assert got["counts"] == ref["counts"] and sorted(got["images"]) == sorted(ref["images"])
+    for key, x in ref["images"].items():
+        for f in ("boxes", "features", "confidences"):
+            assert np.array_equal(x[f], got["images"][key][f]), (key, f)
 
 
 def _process_tree(root_pid: int) -> set[int]:

@@ -426,7 +426,7 @@ class _OpenShard:
 
 def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: BuildReport) -> None:
     import ray
-    from ray.exceptions import RayActorError, RayError, RayTaskError
+    from ray.exceptions import RayActorError, RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     started = _connect_ray(opts)
@@ -502,19 +502,22 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
                 st = open_shards[si]
                 try:
                     summary = ray.get(ref)
-                except RayTaskError as e:
-                    raise _cause(e) from None
                 except RayActorError as e:
                     raise VlmixerError(f"a detector worker died and could not be restarted ({e}); the "
                                        "committed shards are kept: rerun the same command to resume") from None
-                except RayError as e:  # a crashed decode worker: isolate the image that did it
+                except RayError as e:
+                    crash = _worker_crash(e)
+                    if crash is None:
+                        raise _cause(e) from None
+                    # a decode worker died (after Ray's retries) on this batch, which reaches us as the
+                    # detector task's argument error: isolate the image that did it
                     if len(chunk) > 1:
                         st.slots[bi][sub: sub + 1] = [None] * len(chunk)
                         st.remaining += len(chunk) - 1
                         for k, one in enumerate(chunk):
                             retry.append((si, bi, sub + k, (one,)))
                         continue
-                    piece = failure_piece(chunk, f"worker crashed ({type(e).__name__})")
+                    piece = failure_piece(chunk, f"worker crashed ({crash})")
                     st.slots[bi][sub] = ray.put(piece)
                     summary = piece.summary()
                 progress.update(summary)
@@ -540,6 +543,19 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
 def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield first
     yield from rest
+
+
+def _worker_crash(e: BaseException) -> str | None:
+    """The kind of process death behind a Ray error (a worker that segfaulted or was killed, ran out
+    of memory, lost its node or its result), or None for an exception raised by our own code."""
+    from ray.exceptions import NodeDiedError, ObjectLostError, OutOfMemoryError, WorkerCrashedError
+
+    kinds = (WorkerCrashedError, OutOfMemoryError, NodeDiedError, ObjectLostError)
+    for err in (e, getattr(e, "cause", None)):  # RayTaskError(WorkerCrashedError) is both
+        for kind in kinds:
+            if isinstance(err, kind):
+                return kind.__name__
+    return None
 
 
 def _cause(e: Exception) -> BaseException:
