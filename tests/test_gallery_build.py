@@ -134,7 +134,7 @@ def test_a_crashing_decode_worker_fails_only_its_image(data, reference, tmp_path
     shutil.copy(images / "astronaut.jpg", images / "crash-me.jpg")
     env = ray_env()
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={
-        "worker_process_setup_hook": "gallery_crash_hook.install",
+        "worker_process_setup_hook": "crash_hooks.crash_on_decode",
         "env_vars": {"PYTHONPATH": env["PYTHONPATH"], "RAY_AUTH_MODE": "disabled"}})
     try:
         out = tmp_path / "crash"

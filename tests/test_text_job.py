@@ -149,6 +149,36 @@ def test_shard_callable_is_plain_and_picklable(tmp_path, nlp):
     assert stats["records"] == 20 and stats["sentences"] == 20 and stats["spans"] > 0
 
 
+def test_a_worker_dying_on_a_shard_stops_cleanly_and_resume_completes(tmp_path, nlp):
+    """An actor that dies on every retry of a shard (OOM, segfault) stops the job with a clear error, not
+    a Ray traceback; the shards committed so far stay, and the same command resumes to the full store."""
+    import ray
+    from test_gallery_build_support import ray_env
+
+    from vlmixer.errors import VlmixerError
+
+    corpus = write_corpus(tmp_path / "c.txt", 60)
+    with corpus.open("ab") as f:
+        f.write(b"A man runs past the crash-me sign.\n")
+    ref = tmp_path / "ref"
+    run_tag_job(make_config(corpus, ref, nlp, 30), progress=False, nlp=nlp)
+    env = ray_env()
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, runtime_env={
+        "worker_process_setup_hook": "crash_hooks.crash_on_text_shard",
+        "env_vars": {"PYTHONPATH": env["PYTHONPATH"], "RAY_AUTH_MODE": "disabled"}})
+    out = tmp_path / "ray"
+    try:
+        with pytest.raises(VlmixerError, match="rerun the same command to resume"):
+            run_tag_job(make_config(corpus, out, nlp, 30), ray_address="local", progress=False)
+    finally:
+        ray.shutdown()
+    assert not (out / "manifest.json").exists()
+    assert len(list((out / "shards").glob("*.h5"))) == 2  # the two shards before the fatal one
+    resumed = run_tag_job(make_config(corpus, out, nlp, 30), progress=False, nlp=nlp)
+    assert resumed["summary"]["sentences_this_run"] == 1
+    assert store_content(out) == store_content(ref)
+
+
 def test_ray_local_matches_in_process(tmp_path, nlp):
     ray = pytest.importorskip("ray")
     corpus = write_corpus(tmp_path / "c.txt", 60)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import ray_session
 from pipeline.gallery.images import DEFAULT_MAX_PIXELS, DecodePolicy
 from pipeline.gallery.sources import ImageItem, Shard, keys_digest, make_shards, read_source
 from pipeline.gallery.work import (
@@ -367,24 +368,6 @@ def _run_in_process(opts: BuildOptions, todo: list[Shard], progress: Progress, r
 # ---- Ray ----
 
 
-def _connect_ray(opts: BuildOptions) -> bool:
-    """Join or start Ray; True when this call started it (and must shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    kw: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if opts.ray_address == "local":
-        ray.init(num_cpus=opts.num_cpus, **kw)
-    else:
-        try:
-            ray.init(address=opts.ray_address, **kw)
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            raise VlmixerError(f"cannot connect to Ray at {opts.ray_address!r} ({e}); "
-                               "use --ray-address local to start one here") from None
-    return True
-
-
 def _worker_plan(opts: BuildOptions, resources: dict[str, float]) -> tuple[int, dict[str, Any], int]:
     """(number of detector actors, their Ray options, torch threads each)."""
     gpus, cpus = resources.get("GPU", 0.0), max(1.0, resources.get("CPU", 1.0))
@@ -429,7 +412,7 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
     from ray.exceptions import RayActorError, RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    started = _connect_ray(opts)
+    _, started = ray_session.connect(opts.ray_address, opts.num_cpus)
     actors: list[Any] = []
     writer = None
     try:
@@ -437,7 +420,7 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
         det_cls = ray.remote(_RayDetector).options(max_restarts=2, max_task_retries=2, **actor_opts)
         actors = [det_cls.remote(opts.detector, opts.weights, threads, opts.detector_factory)
                   for _ in range(n_actors)]
-        info = _get(actors[0].info.remote())
+        info = ray_session.get(actors[0].info.remote(), "a detector worker")
         concepts, attributes = _vocabularies(opts, info)
         here = ray.get_runtime_context().get_node_id()
         writer = ray.remote(ShardCommitter).options(
@@ -495,7 +478,7 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
             for ref in ready:
                 if ref in commits:
                     commits.pop(ref)
-                    _record(report, _get(ref))
+                    _record(report, ray_session.get(ref, "the shard writer"))
                     continue
                 si, bi, sub, chunk, a = inflight.pop(ref)
                 load[a] -= 1
@@ -503,12 +486,12 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
                 try:
                     summary = ray.get(ref)
                 except RayActorError as e:
-                    raise VlmixerError(f"a detector worker died and could not be restarted ({e}); the "
-                                       "committed shards are kept: rerun the same command to resume") from None
+                    raise VlmixerError(f"a detector worker died and could not be restarted ({e}); "
+                                       f"{ray_session.RESUME_ADVICE}") from None
                 except RayError as e:
-                    crash = _worker_crash(e)
+                    crash = ray_session.worker_crash(e)
                     if crash is None:
-                        raise _cause(e) from None
+                        raise ray_session.user_error(e) from None
                     # a decode worker died (after Ray's retries) on this batch, which reaches us as the
                     # detector task's argument error: isolate the image that did it
                     if len(chunk) > 1:
@@ -543,37 +526,6 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
 def _prepend(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
     yield first
     yield from rest
-
-
-def _worker_crash(e: BaseException) -> str | None:
-    """The kind of process death behind a Ray error (a worker that segfaulted or was killed, ran out
-    of memory, lost its node or its result), or None for an exception raised by our own code."""
-    from ray.exceptions import NodeDiedError, ObjectLostError, OutOfMemoryError, WorkerCrashedError
-
-    kinds = (WorkerCrashedError, OutOfMemoryError, NodeDiedError, ObjectLostError)
-    for err in (e, getattr(e, "cause", None)):  # RayTaskError(WorkerCrashedError) is both
-        for kind in kinds:
-            if isinstance(err, kind):
-                return kind.__name__
-    return None
-
-
-def _cause(e: Exception) -> BaseException:
-    """The user-facing error inside a Ray task error, when there is one."""
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, VlmixerError):
-        return cause
-    return e
-
-
-def _get(ref: Any) -> Any:
-    import ray
-    from ray.exceptions import RayTaskError
-
-    try:
-        return ray.get(ref)
-    except RayTaskError as e:
-        raise _cause(e) from None
 
 
 __all__ = ["BuildOptions", "BuildReport", "EXIT_SOME_FAILED", "build_gallery", "plan", "validate",

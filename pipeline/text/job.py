@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import ray_session
 from storage.textstore import TextStoreWriter
 from storage.vocab import Vocabulary
 from vlmixer.errors import VlmixerError
@@ -181,24 +182,6 @@ def summarize(shard_stats: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             "skipped_total": sum(skipped.values()), "bad_examples": examples}
 
 
-def _local_ray(address: str, workers: int | None) -> tuple[Any, bool]:
-    try:
-        import ray
-    except ImportError:
-        raise VlmixerError("--ray-address needs ray (pip install 'ray[data]')") from None
-    if ray.is_initialized():
-        return ray, False
-    try:
-        if address == "local":
-            ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=True)
-        else:
-            ray.init(address=address)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise VlmixerError(f"cannot connect to Ray at {address!r} ({e}); start one with `ray start --head` "
-                           "or use --ray-address local") from None
-    return ray, True
-
-
 class _TagActor:
     """One per Ray worker CPU: keeps spaCy loaded across shards."""
 
@@ -265,20 +248,39 @@ def run_tag_job(config: TagJobConfig, *, ray_address: str | None = None, workers
 
 def _run_on_ray(config: TagJobConfig, tasks: Iterable[ShardTask], done: Callable[[dict[str, Any]], None],
                 address: str, workers: int | None) -> None:
-    ray, started = _local_ray(address, workers)
+    ray, started = ray_session.connect(address, workers)
     try:
         from ray.util import ActorPool
 
         n = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n = min(n, workers) if workers else n
-        actor_cls = ray.remote(num_cpus=1)(_TagActor)
+        # a worker that dies (OOM, segfault) is restarted and its shard retried; past that the
+        # job stops with the shards committed so far kept
+        actor_cls = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(_TagActor)
         pool = ActorPool([actor_cls.remote(config) for _ in range(n)])
+
+        def next_done() -> None:
+            from ray.exceptions import RayActorError, RayError
+
+            try:
+                stats = pool.get_next_unordered()
+            except RayActorError as e:
+                raise VlmixerError(f"a text tagging worker died and could not be restarted "
+                                   f"({str(e).splitlines()[0][:300]}); {ray_session.RESUME_ADVICE}") from None
+            except RayError as e:
+                crash = ray_session.worker_crash(e)
+                if crash is not None:
+                    raise VlmixerError(f"a text tagging worker crashed ({crash}) on every retry of a shard; "
+                                       f"{ray_session.RESUME_ADVICE}") from None
+                raise ray_session.user_error(e) from None
+            done(stats)
+
         for task in tasks:
             while not pool.has_free():
-                done(pool.get_next_unordered())
+                next_done()
             pool.submit(lambda a, t: a.run.remote(t), task)
         while pool.has_next():
-            done(pool.get_next_unordered())
+            next_done()
     finally:
         if started:
             ray.shutdown()
