@@ -24,7 +24,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list", ".tsv"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageItem:
     """One image to process: `key` is its identity in the gallery, `path` where to read it."""
 
