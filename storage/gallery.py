@@ -55,6 +55,10 @@ class Patch:
     image: int  # global image index
 
 
+# patches per step when finalize streams over the whole gallery (bounds its temporary memory)
+_CHUNK = 1 << 22
+
+
 def unpack_record(data: bytes | memoryview, where: str) -> dict[str, Any]:
     """Decode a msgpack record; anything else (pickle bytes included) is a StoreError, never executed."""
     try:
@@ -151,28 +155,43 @@ def finalize_gallery(root: str | Path) -> dict[str, Any]:
     if n_patches and (p_concept.min() < 0 or p_concept.max() >= n_concepts):
         raise StoreError(f"{root}: patch concept ids outside the vocabulary of {n_concepts} concepts")
 
-    # concept index: patches grouped by concept, confidence descending, then id
-    order = np.lexsort((np.arange(n_patches), -np.asarray(p_conf), np.asarray(p_concept)))
+    # concept index: patches grouped by concept, confidence descending, then id (lexsort is stable).
+    # Memory: whole-gallery temporaries are one sort order (8 B/patch) and the negated confidences
+    # (4 B/patch) at a time; everything else streams in chunks of _CHUNK patches.
+    concept, neg_conf = np.asarray(p_concept), -np.asarray(p_conf)
+    order = np.lexsort((neg_conf, concept))
     c_patches = mm("concept_patches", "<i8", n_patches)
     c_confs = mm("concept_confs", "<f4", n_patches)
     c_patches[:] = order
-    c_confs[:] = np.asarray(p_conf)[order]
+    for a in range(0, n_patches, _CHUNK):
+        c_confs[a: a + _CHUNK] = p_conf[order[a: a + _CHUNK]]
+    del order
     c_off = mm("concept_offsets", "<i8", n_concepts + 1)
-    c_off[:] = np.searchsorted(np.asarray(p_concept)[order], np.arange(n_concepts + 1), side="left")
+    counts = np.bincount(concept, minlength=n_concepts) if n_patches else np.zeros(n_concepts, np.int64)
+    c_off[0] = 0
+    np.cumsum(counts, out=c_off[1:])
 
     # contextual concepts per image: each detected concept once, with its best confidence
-    pair = np.lexsort((-np.asarray(p_conf), np.asarray(p_concept), np.asarray(p_image)))
-    im_s, co_s = np.asarray(p_image)[pair], np.asarray(p_concept)[pair]
-    first = np.ones(n_patches, dtype=bool)
-    if n_patches:
-        first[1:] = (im_s[1:] != im_s[:-1]) | (co_s[1:] != co_s[:-1])
+    pair = np.lexsort((neg_conf, concept, np.asarray(p_image)))
+    del neg_conf
+    first = np.zeros(n_patches, dtype=bool)
+    for a in range(0, n_patches, _CHUNK):
+        idx = pair[max(a - 1, 0): a + _CHUNK]
+        im_s, co_s = p_image[idx], p_concept[idx]
+        new = (im_s[1:] != im_s[:-1]) | (co_s[1:] != co_s[:-1])
+        if a == 0:
+            first[0] = True
+            first[1: len(idx)] = new
+        else:
+            first[a: a + len(new)] = new
     sel = pair[first]
+    del pair, first
     ctx_c = mm("image_ctx_concepts", "<i4", len(sel))
     ctx_f = mm("image_ctx_confs", "<f4", len(sel))
-    ctx_c[:] = np.asarray(p_concept)[sel]
-    ctx_f[:] = np.asarray(p_conf)[sel]
+    ctx_c[:] = p_concept[sel]
+    ctx_f[:] = p_conf[sel]
     ctx_off = mm("image_ctx_offsets", "<i8", n_images + 1)
-    ctx_off[:] = np.searchsorted(np.asarray(p_image)[sel], np.arange(n_images + 1), side="left")
+    ctx_off[:] = np.searchsorted(p_image[sel], np.arange(n_images + 1), side="left")
     for a in (p_concept, p_conf, p_image, img_start, c_patches, c_confs, c_off, ctx_c, ctx_f, ctx_off):
         a.flush()
     del p_concept, p_conf, p_image, img_start, c_patches, c_confs, c_off, ctx_c, ctx_f, ctx_off

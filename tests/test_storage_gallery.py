@@ -314,3 +314,44 @@ def test_features_beyond_float16_are_refused(tmp_path: Path) -> None:
         with w.shard("s") as s:
             s.add_image(**img)
     w.close()
+
+
+def test_finalize_streams_in_chunks_with_the_same_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The concept index and contexts do not depend on finalize's chunk size, and equal a plain
+    computation: per concept, patches by confidence descending then id; per image, each concept once
+    with its best confidence."""
+    import storage.gallery as gallery_mod
+
+    rng = np.random.default_rng(5)
+    shards = {i: synthetic_images(200 + i, 6, DIM) for i in range(3)}
+    for s in shards.values():
+        for im in s:  # few concepts and rounded confidences: many ties and repeats per image
+            im["concepts"] = rng.integers(0, 3, len(im["confidences"]))
+            im["confidences"] = np.round(rng.uniform(0.2, 1.0, len(im["confidences"])), 1).astype(np.float32)
+    root = build_gallery(tmp_path / "g", shards, dim=DIM, parts=2)
+    index = root / "index"
+
+    def arrays() -> dict[str, np.ndarray]:
+        return {p.stem: np.load(p) for p in sorted(index.glob("*.npy"))}
+
+    whole = arrays()
+    monkeypatch.setattr(gallery_mod, "_CHUNK", 7)
+    finalize_gallery(root)
+    chunked = arrays()
+    assert whole.keys() == chunked.keys() and all(np.array_equal(whole[k], chunked[k]) for k in whole)
+
+    g = GalleryReader(root)
+    recs = [g.patch(p) for p in range(g.num_patches)]
+    n_concepts = len(g.concept_counts())
+    for c in range(n_concepts):
+        want = sorted((p for p in range(g.num_patches) if recs[p].concept == c),
+                      key=lambda p: (-recs[p].confidence, p))
+        pids, confs = g.concept_patches(c)
+        assert pids.tolist() == want and confs.tolist() == [recs[p].confidence for p in want]
+    for i in range(g.num_images):
+        best: dict[int, float] = {}
+        for p in g.image_patches(i):
+            best[recs[p].concept] = max(best.get(recs[p].concept, -1.0), recs[p].confidence)
+        ic, icf = g.image_context(i)
+        assert ic.tolist() == sorted(best) and icf.tolist() == [best[c] for c in sorted(best)]
+    g.close()
