@@ -57,15 +57,26 @@ def user_error(e: BaseException) -> BaseException:
     return cause if isinstance(cause, VlmixerError) else e
 
 
+def readable(e: BaseException, what: str) -> BaseException:
+    """What to raise for a Ray error that ends a job: a dead actor or a crashed worker becomes a
+    VlmixerError naming `what` with the resume advice, our own error inside a task itself."""
+    from ray.exceptions import RayActorError
+
+    if isinstance(e, RayActorError):
+        return VlmixerError(f"{what} died and could not be restarted ({str(e).splitlines()[0][:300]}); "
+                            f"{RESUME_ADVICE}")
+    crash = worker_crash(e)
+    if crash is not None:
+        return VlmixerError(f"{what} crashed ({crash}) on every retry; {RESUME_ADVICE}")
+    return user_error(e)
+
+
 def get(ref: Any, what: str = "a worker") -> Any:
-    """`ray.get` that raises a task's own VlmixerError as itself and a dead actor as a VlmixerError."""
+    """`ray.get` that raises what `readable` makes of a Ray error."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayError
 
     try:
         return ray.get(ref)
-    except RayActorError as e:
-        raise VlmixerError(f"{what} died and could not be restarted ({str(e).splitlines()[0][:300]}); "
-                           f"{RESUME_ADVICE}") from None
-    except RayTaskError as e:
-        raise user_error(e) from None
+    except RayError as e:
+        raise readable(e, what) from None

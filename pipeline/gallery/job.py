@@ -485,13 +485,10 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
                 st = open_shards[si]
                 try:
                     summary = ray.get(ref)
-                except RayActorError as e:
-                    raise VlmixerError(f"a detector worker died and could not be restarted ({e}); "
-                                       f"{ray_session.RESUME_ADVICE}") from None
                 except RayError as e:
                     crash = ray_session.worker_crash(e)
-                    if crash is None:
-                        raise ray_session.user_error(e) from None
+                    if crash is None or isinstance(e, RayActorError):  # not a decode worker's death
+                        raise ray_session.readable(e, "a detector worker") from None
                     # a decode worker died (after Ray's retries) on this batch, which reaches us as the
                     # detector task's argument error: isolate the image that did it
                     if len(chunk) > 1:

@@ -7,7 +7,7 @@ OpenBLAS does the same products about 3x faster per CPU-second on the
 machines we measured (bench/text_tag.py), which makes the whole pipeline
 about 1.6x faster. Only the multiplication backend changes, not the
 weights or the model: results differ at most by float rounding, and
-`use_numpy_gemm` checks the tags, POS and lemmas of a fixed sentence set
+`use_numpy_gemm` checks the tags, POS, morphology and lemmas of a fixed sentence set
 before and after, restoring the original ops on any difference.
 
 Each product runs with BLAS limited to one thread: the job gets its
@@ -21,7 +21,7 @@ from typing import Any
 from thinc.backends.numpy_ops import NumpyOps
 from threadpoolctl import ThreadpoolController
 
-from .attribute_rules import SELF_CHECK
+from .attribute_rules import SELF_CHECK, _signature
 
 
 class NumpyGemmOps(NumpyOps):
@@ -55,8 +55,8 @@ def _models(nlp: Any) -> list[Any]:
     return nodes
 
 
-def _signature(nlp: Any, texts: list[str]) -> list[list[tuple[str, str, str]]]:
-    return [[(t.tag_, t.pos_, t.lemma_) for t in doc] for doc in nlp.pipe(texts)]
+def _annotations(nlp: Any, texts: list[str]) -> list[list[tuple[str, str, str, str]]]:
+    return [_signature(doc) for doc in nlp.pipe(texts)]
 
 
 def use_numpy_gemm(nlp: Any, check: list[str] | None = None) -> bool:
@@ -70,12 +70,12 @@ def use_numpy_gemm(nlp: Any, check: list[str] | None = None) -> bool:
     if all(isinstance(n.ops, NumpyGemmOps) for n in nodes):
         return True
     texts = check if check is not None else SELF_CHECK
-    before = _signature(nlp, texts)
+    before = _annotations(nlp, texts)
     original = [n.ops for n in nodes]
     ops = NumpyGemmOps()
     for n in nodes:
         n.ops = ops
-    if _signature(nlp, texts) != before:
+    if _annotations(nlp, texts) != before:
         for n, o in zip(nodes, original):
             n.ops = o
         return False

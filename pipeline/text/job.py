@@ -260,19 +260,12 @@ def _run_on_ray(config: TagJobConfig, tasks: Iterable[ShardTask], done: Callable
         pool = ActorPool([actor_cls.remote(config) for _ in range(n)])
 
         def next_done() -> None:
-            from ray.exceptions import RayActorError, RayError
+            from ray.exceptions import RayError
 
             try:
                 stats = pool.get_next_unordered()
-            except RayActorError as e:
-                raise VlmixerError(f"a text tagging worker died and could not be restarted "
-                                   f"({str(e).splitlines()[0][:300]}); {ray_session.RESUME_ADVICE}") from None
             except RayError as e:
-                crash = ray_session.worker_crash(e)
-                if crash is not None:
-                    raise VlmixerError(f"a text tagging worker crashed ({crash}) on every retry of a shard; "
-                                       f"{ray_session.RESUME_ADVICE}") from None
-                raise ray_session.user_error(e) from None
+                raise ray_session.readable(e, "a text tagging worker") from None
             done(stats)
 
         for task in tasks:
