@@ -1,8 +1,9 @@
 """Run the spaCy pipeline's matrix products on numpy's BLAS, one thread per process.
 
-Why: with parser and NER excluded, en_core_web_sm spends nearly all its time
-in tok2vec, whose cost is a few (tokens x 288) @ (288 x 288) products per
-batch. thinc multiplies them with the `blis` package; numpy's bundled
+Why: with parser and NER excluded and the attribute-rule stand-ins in, most
+of en_core_web_sm's remaining time is tok2vec (alone 1,340 captions/s here,
+against 32k/s for the tokenizer and 59k/s for the tagger head), whose cost is
+a few (tokens x 288) @ (288 x 288) products per batch. thinc multiplies them with the `blis` package; numpy's bundled
 OpenBLAS does the same products about 3x faster per CPU-second on the
 machines we measured (bench/text_tag.py), which makes the whole pipeline
 about 1.6x faster. Only the multiplication backend changes, not the
