@@ -397,10 +397,16 @@ def test_numpy_gemm_is_self_checked_and_single_threaded(monkeypatch):
     assert [n.ops for n in gemm._models(model)] == before
     monkeypatch.undo()
 
-    model = fresh()
-    gemm._models(model)[0].ops = Ops()  # e.g. a layer on another device: not all NumpyOps
-    assert gemm.use_numpy_gemm(model) is False
-    assert not any(isinstance(n.ops, NumpyGemmOps) for n in gemm._models(model))
+    from thinc.backends.numpy_ops import NumpyOps
+
+    class AcceleratedOps(NumpyOps):  # e.g. thinc-apple-ops: a CPU backend that is already fast
+        pass
+
+    for other in (Ops(), AcceleratedOps()):  # a layer on another device or another CPU backend
+        model = fresh()
+        gemm._models(model)[0].ops = other
+        assert gemm.use_numpy_gemm(model) is False
+        assert not any(isinstance(n.ops, NumpyGemmOps) for n in gemm._models(model))
 
     threads = []
     dot = numpy.dot

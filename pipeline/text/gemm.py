@@ -66,8 +66,8 @@ def use_numpy_gemm(nlp: Any, check: list[str] | None = None) -> bool:
     Kept only when the annotations of `check` (default: the attribute-rule self-check
     sentences) are identical before and after; otherwise the original ops are restored."""
     nodes = _models(nlp)
-    if not nodes or not all(isinstance(n.ops, NumpyOps) for n in nodes):
-        return False  # nothing to switch, or not all on CPU (GPU ops stay as they are)
+    if not nodes or not all(type(n.ops) in (NumpyOps, NumpyGemmOps) for n in nodes):
+        return False  # nothing to switch, or other ops (GPU, Apple's Accelerate) that stay as they are
     if all(isinstance(n.ops, NumpyGemmOps) for n in nodes):
         return True
     texts = check if check is not None else SELF_CHECK
