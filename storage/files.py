@@ -39,6 +39,18 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False, sort_keys=True) + "\n").encode("utf-8"))
 
 
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """A UTF-8 text file's lines (vocabularies, image lists); unreadable is a VlmixerError
+    naming the file and `what` it should have been."""
+    from vlmixer.errors import VlmixerError
+
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise VlmixerError(f"{p}: cannot read {what} ({e})") from None
+
+
 def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
     """A store's json header or manifest; missing or damaged is a StoreError naming the file."""
     from vlmixer.errors import StoreError

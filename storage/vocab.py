@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from storage.files import read_lines
 from vlmixer.errors import VlmixerError
 
 
@@ -61,10 +62,7 @@ class Vocabulary:
 def read_vocab_txt(path: str | Path) -> Vocabulary:
     """One entry per line; comma-separated variants, the first is canonical (BUTD style)."""
     p = Path(path)
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise VlmixerError(f"{p}: cannot read vocabulary file ({e})") from None
+    lines = read_lines(p, "vocabulary file")
     entries = []
     for n, line in enumerate(lines, 1):
         parts = [s.strip().lower() for s in line.split(",") if s.strip()]

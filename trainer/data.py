@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from storage.files import read_lines
 from storage.gallery import GalleryReader
 from storage.textstore import TextStoreReader
 from trainer.cmc import CrossModalCutMix, MixResult, SampleRandom
@@ -55,10 +56,7 @@ class WordPieceVocab:
     @classmethod
     def read(cls, path: str | Path) -> WordPieceVocab:
         p = Path(path)
-        try:
-            toks = p.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise VlmixerError(f"{p}: cannot read word-piece vocabulary ({e})") from None
+        toks = read_lines(p, "word-piece vocabulary")
         index = {t: i for i, t in enumerate(toks)}
         missing = [t for t in ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]") if t not in index]
         if missing:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from storage.files import read_lines
 from vlmixer.errors import VlmixerError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -69,10 +70,7 @@ def _list_file(path: Path, image_root: Path | None) -> list[ImageItem]:
     """One image per line: `path`, or `key<TAB>path`; relative paths are taken from the
     list file's directory (or `image_root`); blank lines and `#` comments are skipped."""
     base = image_root or path.parent
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise VlmixerError(f"{path}: cannot read image list ({e})") from None
+    lines = read_lines(path, "image list")
     items = []
     for n, line in enumerate(lines, 1):
         line = line.strip()
