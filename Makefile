@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_OUT ?= demo_out
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-fast lint
 install:
 	VENV=$(VENV) bash scripts/install.sh
 
@@ -16,3 +16,7 @@ lint: install
 
 test: install lint
 	$(PY) -m pytest -q tests
+
+# the quick loop while editing: everything but the end-to-end tests marked `slow` (CI runs all)
+test-fast: install lint
+	$(PY) -m pytest -q -m "not slow" tests

@@ -14,13 +14,6 @@ fraction of a tiny-config training step spent waiting for data.
 """
 from __future__ import annotations
 
-import sys as _sys
-from pathlib import Path as _Path
-
-# Run as `python bench/NAME.py`, this folder is first on sys.path and bench/storage.py would
-# shadow the `storage` package: drop it (running as `python -m bench.NAME` needs nothing).
-_sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _Path(__file__).resolve().parent]
-
 import argparse
 import json
 import sys
@@ -30,12 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from storage.gallery import GalleryReader  # noqa: E402
-from storage.textstore import TextStoreReader  # noqa: E402
-from trainer.cmc import CrossModalCutMix, SampleRandom  # noqa: E402
-from trainer.data import TaskLoaders, TextCorpus, ValpDataset, WordPieceVocab, collate  # noqa: E402
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.textstore import TextStoreReader
+from vlmixer.trainer.cmc import CrossModalCutMix, SampleRandom
+from vlmixer.trainer.data import TaskLoaders, TextCorpus, ValpDataset, WordPieceVocab, collate
 
 
 def per_s(n: int, t: float) -> float:
@@ -81,7 +72,7 @@ def bench_cpu(gallery: Path, text: Path, n: int, batch: int, workers: int) -> di
 
 
 def bench_step(gallery: Path, text: Path, steps: int, workers: int, feature_dim: int) -> dict[str, float]:
-    from trainer.loop import load_train_config, train
+    from vlmixer.trainer.loop import load_train_config, train
 
     out = {}
     cfg_path = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
@@ -104,9 +95,9 @@ def bench_gpu(batch: int = 256, seq: int = 80, iters: int = 20) -> dict[str, flo
     """BERT-base fwd+bwd+AdamW in bf16 autocast on VALP-shaped batches (2 views x batch rows)."""
     import torch
 
-    from trainer.config import ModelConfig, ObjectiveConfig
-    from trainer.model import VLMixerModel
-    from trainer.objectives import Pretrainer
+    from vlmixer.trainer.config import ModelConfig, ObjectiveConfig
+    from vlmixer.trainer.model import VLMixerModel
+    from vlmixer.trainer.objectives import Pretrainer
 
     dev = torch.device("cuda")
     torch.manual_seed(0)
@@ -170,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.gallery:
         gallery, text = Path(a.gallery), Path(a.text)
     else:
-        from trainer.synthetic import tiny_stores
+        from vlmixer.trainer.synthetic import tiny_stores
 
         tmp = tempfile.TemporaryDirectory()
         t0 = time.perf_counter()

@@ -9,13 +9,6 @@
 """
 from __future__ import annotations
 
-import sys as _sys
-from pathlib import Path as _Path
-
-# Run as `python bench/NAME.py`, this folder is first on sys.path and bench/storage.py would
-# shadow the `storage` package: drop it (running as `python -m bench.NAME` needs nothing).
-_sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _Path(__file__).resolve().parent]
-
 import argparse
 import json
 import time
@@ -59,7 +52,7 @@ def _time(fn: Any, repeats: int, device: str) -> float:
 
 
 def bench_selection(n: int = 300, classes: int = 1595, repeats: int = 3, device: str = "cpu") -> list[dict[str, Any]]:
-    from pipeline.detector.selection import select_boxes
+    from vlmixer.pipeline.detector.selection import select_boxes
 
     rows = []
     for name, temp in (("peaked (sparse)", 4.0), ("near-uniform (dense)", 0.5)):
@@ -89,7 +82,7 @@ def photos(n: int, size: tuple[int, int]) -> list[np.ndarray]:
 
 def bench_detector(config: str, device: str = "cpu", batch: int = 4, n_images: int = 8,
                    size: tuple[int, int] = (600, 1000), overrides: Sequence[str] = ()) -> dict[str, Any]:
-    from pipeline.detector import Detector
+    from vlmixer.pipeline.detector import Detector
 
     t0 = time.perf_counter()
     det = Detector.from_config(config, device=device, overrides=list(overrides) + [f"VLMIXER.BATCH_SIZE={batch}"])

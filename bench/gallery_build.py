@@ -16,13 +16,6 @@
 """
 from __future__ import annotations
 
-import sys as _sys
-from pathlib import Path as _Path
-
-# Run as `python bench/NAME.py`, this folder is first on sys.path and bench/storage.py would
-# shadow the `storage` package: drop it (running as `python -m bench.NAME` needs nothing).
-_sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _Path(__file__).resolve().parent]
-
 import argparse
 import os
 import subprocess
@@ -34,16 +27,14 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from PIL import Image
+
+from vlmixer.pipeline.gallery import job
+from vlmixer.pipeline.gallery.images import load_rgb
+from vlmixer.pipeline.gallery.sources import read_source
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-
-from PIL import Image  # noqa: E402
-
-from pipeline.gallery import job  # noqa: E402
-from pipeline.gallery.images import load_rgb  # noqa: E402
-from pipeline.gallery.sources import read_source  # noqa: E402
 
 TINY = ROOT / "configs" / "detector" / "tiny.yaml"
 
@@ -126,7 +117,7 @@ def plain_loop(folder: Path, batch: int, threads: int | None = None) -> tuple[fl
     `threads`: torch intra-op threads (None: torch's default, all cores)."""
     import torch
 
-    from pipeline.detector import Detector
+    from vlmixer.pipeline.detector import Detector
 
     default = torch.get_num_threads()
     torch.set_num_threads(threads or default)

@@ -27,12 +27,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from trainer.loop import load_train_config, train  # noqa: E402
-from trainer.synthetic import TINY_OVERRIDES, paired_stores, tiny_stores  # noqa: E402
+from vlmixer.trainer.loop import load_train_config, train
+from vlmixer.trainer.synthetic import TINY_OVERRIDES, paired_stores, tiny_stores
 
 CONFIGS = ("albef_paired", "tcl_paired", "xvlm_paired", "vlmixer_plus_itc")
 # queues scaled to the tiny store (the configs' 65536 would be random vectors for all 100 steps);
@@ -51,7 +50,7 @@ def pretrained_tiny_bert(root: Path, gallery: Path, text: Path, steps: int) -> P
     """
     from transformers import BertConfig, BertForPreTraining
 
-    from trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from vlmixer.trainer.checkpoint import latest_checkpoint, load_checkpoint
 
     cfg = load_train_config(Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "vlmixer_base.yaml",
                             [*TINY_OVERRIDES, f"data.gallery={gallery}", f"data.text_stores=[{text}]",

@@ -9,13 +9,6 @@ prints ~0%).
 """
 from __future__ import annotations
 
-import sys as _sys
-from pathlib import Path as _Path
-
-# Run as `python bench/NAME.py`, this folder is first on sys.path and bench/storage.py would
-# shadow the `storage` package: drop it (running as `python -m bench.NAME` needs nothing).
-_sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _Path(__file__).resolve().parent]
-
 import argparse
 import shutil
 import subprocess

@@ -11,13 +11,6 @@ asks). Prints one figure per line.
 """
 from __future__ import annotations
 
-import sys as _sys
-from pathlib import Path as _Path
-
-# Run as `python bench/NAME.py`, this folder is first on sys.path and bench/storage.py would
-# shadow the `storage` package: drop it (running as `python -m bench.NAME` needs nothing).
-_sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _Path(__file__).resolve().parent]
-
 import argparse
 import os
 import shutil
@@ -27,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from storage import gallery_format as fmt  # noqa: E402
-from storage.files import dir_size  # noqa: E402
-from storage.gallery import GalleryReader, finalize_gallery  # noqa: E402
-from storage.gallery_writer import GalleryWriter  # noqa: E402
-from storage.vocab import Vocabulary  # noqa: E402
+from vlmixer.files import dir_size
+from vlmixer.storage import gallery_format as fmt
+from vlmixer.storage.gallery import GalleryReader, finalize_gallery
+from vlmixer.storage.gallery_writer import GalleryWriter
+from vlmixer.storage.vocab import Vocabulary
 
 
 def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int, per_shard: int) -> float:

@@ -4,13 +4,6 @@ python bench/text_tag.py [--n 50000] [--naive-n 5000]
 """
 from __future__ import annotations
 
-import sys as _sys
-from pathlib import Path as _Path
-
-# Run as `python bench/NAME.py`, this folder is first on sys.path and bench/storage.py would
-# shadow the `storage` package: drop it (running as `python -m bench.NAME` needs nothing).
-_sys.path[:] = [p for p in _sys.path if _Path(p or ".").resolve() != _Path(__file__).resolve().parent]
-
 import argparse
 import os
 import random
@@ -24,16 +17,16 @@ for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_v, "1")  # one core: rates are per core
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipeline.text.concepts import ConceptMatcher  # noqa: E402
-from pipeline.text.corpus import Record, open_corpus_files  # noqa: E402
-from pipeline.text.gemm import use_numpy_gemm  # noqa: E402
-from pipeline.text.job import TagJobConfig, run_tag_job  # noqa: E402
-from pipeline.text.resolve import build_mapping  # noqa: E402
-from pipeline.text.spacy_model import load_spacy, model_label, resolve_model_name  # noqa: E402
-from pipeline.text.tagger import SentenceTagger  # noqa: E402
-from pipeline.text.wordpiece import resolve_tokenizer  # noqa: E402
-from storage.textstore import TextStoreWriter  # noqa: E402
-from storage.vocab import Vocabulary  # noqa: E402
+from vlmixer.pipeline.text.concepts import ConceptMatcher
+from vlmixer.pipeline.text.corpus import Record, open_corpus_files
+from vlmixer.pipeline.text.gemm import use_numpy_gemm
+from vlmixer.pipeline.text.job import TagJobConfig, run_tag_job
+from vlmixer.pipeline.text.resolve import build_mapping
+from vlmixer.pipeline.text.spacy_model import load_spacy, model_label, resolve_model_name
+from vlmixer.pipeline.text.tagger import SentenceTagger
+from vlmixer.pipeline.text.wordpiece import resolve_tokenizer
+from vlmixer.storage.textstore import TextStoreWriter
+from vlmixer.storage.vocab import Vocabulary
 
 NOUNS = ["man", "woman", "dog", "cat", "horse", "car", "bus", "bike", "bicycle", "traffic light", "tree",
          "table", "plate", "pizza", "child", "boy", "girl", "street", "beach", "surfboard", "kite", "train",

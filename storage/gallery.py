@@ -22,12 +22,13 @@ import lmdb
 import msgpack
 import numpy as np
 
-from storage import gallery_format as fmt
-from storage.files import atomic_write_json, read_json_object
-from storage.gallery_writer import check_format, list_parts, open_part_readonly
-from storage.lmdb_env import PID, release_env
-from storage.vocab import Vocabulary
 from vlmixer.errors import StoreError
+from vlmixer.files import atomic_write_json
+from vlmixer.storage import gallery_format as fmt
+from vlmixer.storage.gallery_writer import check_format, list_parts, open_part_readonly
+from vlmixer.storage.headers import read_json_object
+from vlmixer.storage.lmdb_env import PID, release_env
+from vlmixer.storage.vocab import Vocabulary
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ import lmdb
 import msgpack
 import numpy as np
 
-from storage import files
-from storage import gallery_format as fmt
-from storage.files import atomic_write_json, read_json_object
-from storage.lmdb_env import open_env, release_env
-from storage.vocab import Vocabulary
 from vlmixer.errors import StoreError
+from vlmixer.files import atomic_write_json
+from vlmixer.storage import gallery_format as fmt
+from vlmixer.storage import headers
+from vlmixer.storage.headers import read_json_object
+from vlmixer.storage.lmdb_env import open_env, release_env
+from vlmixer.storage.vocab import Vocabulary
 
 
 @dataclass
@@ -263,7 +264,7 @@ def ensure_header(root: Path, header: dict[str, Any]) -> None:
 
 
 def check_format(meta: Mapping[str, Any], path: Path) -> None:
-    files.check_format(meta, path, name=fmt.FORMAT_NAME, version=fmt.FORMAT_VERSION, what="gallery",
+    headers.check_format(meta, path, name=fmt.FORMAT_NAME, version=fmt.FORMAT_VERSION, what="gallery",
                        remedy="rebuild the gallery")
 
 

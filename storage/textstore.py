@@ -30,9 +30,10 @@ from typing import Any
 import h5py
 import numpy as np
 
-from storage.files import atomic_write_json, check_format, read_json_object, sha256_file
-from storage.vocab import Vocabulary
 from vlmixer.errors import StoreError
+from vlmixer.files import atomic_write_json, sha256_file
+from vlmixer.storage.headers import check_format, read_json_object
+from vlmixer.storage.vocab import Vocabulary
 
 FORMAT_NAME = "vlmixer-text"
 FORMAT_VERSION = 1

@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from storage import gallery_format as fmt
-from storage.files import dir_size, sha256_file
-from storage.gallery import GalleryReader, unpack_record
-from storage.textstore import TextStoreReader
 from vlmixer.errors import StoreError
+from vlmixer.files import dir_size, sha256_file
+from vlmixer.storage import gallery_format as fmt
+from vlmixer.storage.gallery import GalleryReader, unpack_record
+from vlmixer.storage.textstore import TextStoreReader
 
 
 def store_kind(path: str | Path) -> str:

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from storage.files import read_lines
 from vlmixer.errors import VlmixerError
+from vlmixer.files import read_lines
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from storage.gallery import finalize_gallery  # noqa: E402
-from storage.gallery_writer import GalleryWriter  # noqa: E402
-from storage.textstore import TextStoreWriter  # noqa: E402
-from storage.vocab import Vocabulary  # noqa: E402
+from vlmixer.storage.gallery import finalize_gallery  # noqa: E402
+from vlmixer.storage.gallery_writer import GalleryWriter  # noqa: E402
+from vlmixer.storage.textstore import TextStoreWriter  # noqa: E402
+from vlmixer.storage.vocab import Vocabulary  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -13,7 +13,7 @@ MARK = "crash-me"
 
 def crash_on_decode() -> None:
     """Decoding an image whose file name starts with `crash-me` kills the decode worker."""
-    from pipeline.gallery import work
+    from vlmixer.pipeline.gallery import work
 
     real = work.load_rgb
 
@@ -27,7 +27,7 @@ def crash_on_decode() -> None:
 
 def crash_on_text_shard() -> None:
     """Tagging a shard that holds a line with `crash-me` kills the tagging actor."""
-    from pipeline.text import job
+    from vlmixer.pipeline.text import job
 
     real = job.TagShard.__call__
 

@@ -1,4 +1,4 @@
-"""Cross-Modal CutMix against SPEC 4, with p_i computed here from the hand-set gallery."""
+"""Cross-Modal CutMix against the VLMixer paper's p_i, with p_i computed here from the hand-set gallery."""
 from __future__ import annotations
 
 import itertools
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from storage.gallery import GalleryReader
-from trainer.cmc import CrossModalCutMix
-from trainer.synthetic import write_gallery
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.trainer.cmc import CrossModalCutMix
+from vlmixer.trainer.synthetic import write_gallery
 
 CONCEPTS = ["dog", "cat", "ball", "tree", "zebra"]
 DOG, CAT, BALL, TREE, ZEBRA = range(5)
@@ -26,7 +26,7 @@ IMAGES = [
 
 
 def expected_p(concept: int, sentence: set[int], r_ctx: float) -> dict[tuple[int, float], float]:
-    """p_i of every patch of `concept`, keyed (image, confidence), straight from SPEC 4."""
+    """p_i of every patch of `concept`, keyed (image, confidence), straight from the paper's formula."""
     out = {}
     for img, patches in enumerate(IMAGES):
         best: dict[int, float] = {}

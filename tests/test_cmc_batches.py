@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from storage.gallery import GalleryReader
-from storage.textstore import TextStoreReader
-from trainer.cmc import CrossModalCutMix
-from trainer.data import (
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.textstore import TextStoreReader
+from vlmixer.trainer.cmc import CrossModalCutMix
+from vlmixer.trainer.data import (
     ResumableBatchSampler,
     TaskLoaders,
     TextCorpus,
@@ -19,8 +19,8 @@ from trainer.data import (
     collate,
     mix_views,
 )
-from trainer.masking import IGNORE, MaskSpec
-from trainer.synthetic import CONCEPTS, tiny_stores, write_text_store, write_vocab
+from vlmixer.trainer.masking import IGNORE, MaskSpec
+from vlmixer.trainer.synthetic import CONCEPTS, tiny_stores, write_text_store, write_vocab
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_sampler_epochs_and_ranks_partition_the_data() -> None:
 
 
 def test_mask_tokens_ratios() -> None:
-    from trainer.masking import mask_tokens
+    from vlmixer.trainer.masking import mask_tokens
 
     rng = np.random.default_rng(0)
     n = 200_000

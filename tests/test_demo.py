@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from storage.gallery import GalleryReader
-from storage.textstore import TextStoreReader
 from vlmixer.cli import main
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.textstore import TextStoreReader
 
 
 class _Images(HTMLParser):

@@ -9,9 +9,9 @@ import pytest
 import skimage.data
 import torch
 
-from pipeline.detector.config import load_detector_config
-from pipeline.detector.convert import convert_vinvl_checkpoint
 from vlmixer.errors import VlmixerError
+from vlmixer.pipeline.detector.config import load_detector_config
+from vlmixer.pipeline.detector.convert import convert_vinvl_checkpoint
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "detector" / "tiny.yaml"
 
@@ -58,7 +58,7 @@ def vinvl_state_dict(blocks=(1, 1, 1, 1), stem=16, res2_out=32, width=8, groups=
     sd["rpn.head.cls_logits.bias"] = torch.zeros(15)
     sd["rpn.head.bbox_pred.weight"] = 0.001 * torch.randn((60, c4, 1, 1), generator=g)
     sd["rpn.head.bbox_pred.bias"] = torch.zeros(60)
-    from pipeline.detector.model import legacy_cell_anchors
+    from vlmixer.pipeline.detector.model import legacy_cell_anchors
 
     sd["rpn.anchor_generator.cell_anchors.0"] = torch.from_numpy(
         legacy_cell_anchors(16, [32, 64, 128, 256, 512], [0.5, 1.0, 2.0])).float()
@@ -145,8 +145,8 @@ def test_wrong_class_count_and_anchors_fail(cfg):
 
 
 def test_cli_convert_then_detect(tmp_path):
-    from pipeline.detector import Detector
     from vlmixer.cli import main
+    from vlmixer.pipeline.detector import Detector
 
     ckpt = tmp_path / "vinvl_tiny.pth"
     torch.save({"model": vinvl_state_dict(), "iteration": 5}, ckpt)

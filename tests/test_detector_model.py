@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import skimage.data
 
-from pipeline.detector import Detections, Detector
 from vlmixer.errors import ConfigError, VlmixerError
+from vlmixer.pipeline.detector import Detections, Detector
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "detector"
 TINY = CONFIGS / "tiny.yaml"
@@ -104,7 +104,7 @@ def test_preprocess_sizes_and_bgr(detector, photos):
     small = np.zeros((224, 224, 3), np.uint8)
     small[..., 0] = 255  # red in RGB -> channel 2 in BGR
     t2, s2 = detector.preprocess(small)
-    from pipeline.detector import preprocess_image
+    from vlmixer.pipeline.detector import preprocess_image
 
     t3, s3 = preprocess_image(photos[1], 224, 320)
     assert s3 == scale and bool((t3 == t).all())
@@ -130,8 +130,8 @@ def test_unknown_config_key_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("name", ["vinvl_x152c4", "butd_r101c4"])
 def test_reference_configs_build_shapes(name):
-    from pipeline.detector.config import load_detector_config
-    from pipeline.detector.convert import target_state_shapes
+    from vlmixer.pipeline.detector.config import load_detector_config
+    from vlmixer.pipeline.detector.convert import target_state_shapes
 
     cfg = load_detector_config(CONFIGS / f"{name}.yaml")
     shapes = target_state_shapes(cfg)
@@ -149,7 +149,7 @@ def test_reference_configs_build_shapes(name):
 
 
 def test_legacy_anchors_are_detectron_anchors():
-    from pipeline.detector.model import legacy_cell_anchors
+    from vlmixer.pipeline.detector.model import legacy_cell_anchors
 
     a = legacy_cell_anchors(16, [32, 64, 128, 256, 512], [0.5, 1.0, 2.0])
     assert a.shape == (15, 4)

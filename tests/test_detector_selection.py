@@ -1,11 +1,11 @@
-"""NMS filter 1: the vectorised selection equals a plain per-class loop (SPEC 2.1)."""
+"""NMS filter 1: the vectorised selection equals a plain per-class loop (bottom-up attention's box selection)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torchvision.ops import nms
 
-from pipeline.detector.selection import dense_class_nms, pairwise_iou, select_boxes
+from vlmixer.pipeline.detector.selection import dense_class_nms, pairwise_iou, select_boxes
 
 NUM_CLASSES_WITH_BG = 1595
 

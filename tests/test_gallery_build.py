@@ -26,9 +26,9 @@ from test_gallery_build_support import (
     write_labelmap,
 )
 
-from pipeline.gallery.job import EXIT_SOME_FAILED, BuildOptions, build_gallery
-from storage.gallery import GalleryReader
 from vlmixer.cli import main
+from vlmixer.pipeline.gallery.job import EXIT_SOME_FAILED, BuildOptions, build_gallery
+from vlmixer.storage.gallery import GalleryReader
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def test_inprocess_build_lists_bad_inputs(data, reference) -> None:
     out, report = reference
     assert report.exit_code == EXIT_SOME_FAILED
     failed = {f["key"]: f["reason"] for f in report.failed}
-    # CMYK, 16-bit and alpha fail too by default (SPEC 2.2); --convert-modes converts them
+    # CMYK, 16-bit and alpha fail too by default; --convert-modes converts them
     want_fail = {k: v[5:] if v.startswith("fail:") else "unsupported mode" for k, v in data["bad"].items()}
     assert set(failed) == set(want_fail)
     for k, start in want_fail.items():
@@ -180,7 +180,7 @@ def _process_tree(root_pid: int) -> set[int]:
 
 
 def _committed(out: Path) -> int:
-    from storage.gallery_writer import committed_shards
+    from vlmixer.storage.gallery_writer import committed_shards
 
     try:
         return len(committed_shards(out))

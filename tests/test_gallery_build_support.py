@@ -190,7 +190,7 @@ def fake_config(path: Path, **cfg) -> Path:
 
 def main_with_fake(argv: list[str]) -> int:
     """`python tests/test_gallery_build_support.py gallery build ...` with the fake detector (subprocess tests)."""
-    from pipeline.gallery import job
+    from vlmixer.pipeline.gallery import job
 
     original = job.BuildOptions.__init__
 
@@ -213,7 +213,7 @@ if __name__ == "__main__":
 
 def gallery_contents(root: Path) -> dict[str, dict]:
     """Everything a gallery holds, by image key, in stored order: for equality between builds."""
-    from storage.gallery import GalleryReader
+    from vlmixer.storage.gallery import GalleryReader
 
     r = GalleryReader(root)
     out = {}

@@ -20,10 +20,10 @@ from test_gallery_build_support import (
     write_labelmap,
 )
 
-from pipeline.gallery.images import BadImage, DecodePolicy, decode_bytes, load_rgb
-from pipeline.gallery.job import BuildOptions, build_gallery
-from pipeline.gallery.sources import ImageItem, make_shards, read_source
 from vlmixer.errors import VlmixerError
+from vlmixer.pipeline.gallery.images import BadImage, DecodePolicy, decode_bytes, load_rgb
+from vlmixer.pipeline.gallery.job import BuildOptions, build_gallery
+from vlmixer.pipeline.gallery.sources import ImageItem, make_shards, read_source
 
 # ------------------------------------------------------------------------------ sources
 
@@ -80,7 +80,7 @@ def test_bad_files_have_reasons_and_odd_modes_convert(tmp_path: Path) -> None:
             assert img.array.dtype == np.uint8 and img.array.shape == (96, 128, 3)
             assert img.note and "RGB" in img.note, name
             with pytest.raises(BadImage, match="unsupported mode"):
-                load_rgb(tmp_path / name)  # the default follows SPEC 2.2: recorded and skipped
+                load_rgb(tmp_path / name)  # by default: recorded and skipped
     with pytest.raises(BadImage, match="missing file"):
         load_rgb(tmp_path / "absent.jpg")
     # a smaller pixel budget refuses an ordinary image as too large
@@ -127,7 +127,7 @@ def test_resume_skips_committed_shards_and_equals_one_run(fake_build, tmp_path: 
     _, ref = run("ref", shard_size=2, batch_size=2)
     assert ref.exit_code == 0 and ref.shards_done == 3
     # die right after the first shard is committed
-    from pipeline.gallery import work
+    from vlmixer.pipeline.gallery import work
 
     original, calls = work.ShardCommitter.commit, []
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.synthetic import TINY_OVERRIDES, paired_stores
+from vlmixer.trainer.synthetic import TINY_OVERRIDES, paired_stores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,8 +20,8 @@ SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {repo!r})
     import torch
     torch.set_num_threads(1)
-    from trainer import distributed as td
-    from trainer.loop import load_train_config, train
+    from vlmixer.trainer import distributed as td
+    from vlmixer.trainer.loop import load_train_config, train
 
     td.setup("cpu")
     train(load_train_config({cfg!r}, {overrides!r}))
@@ -33,7 +33,7 @@ SCRIPT = textwrap.dedent('''
 def test_paired_task_under_torchrun(tmp_path: Path) -> None:
     import torch
 
-    from trainer.checkpoint import latest_checkpoint, load_checkpoint
+    from vlmixer.trainer.checkpoint import latest_checkpoint, load_checkpoint
 
     g, t = paired_stores(tmp_path / "s", n_images=16, captions_per_image=2, feature_dim=64)
     run = tmp_path / "run"

@@ -7,15 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer.objectives.albef import (
+from vlmixer.trainer.objectives.albef import (
     FeatureQueue,
     ema_update,
     itc_loss,
     sample_hard_negatives,
     soft_contrastive,
 )
-from trainer.objectives.tcl import augment_patches, infonce, lmi_loss
-from trainer.objectives.xvlm import box_loss, cxcywh_to_xyxy, giou
+from vlmixer.trainer.objectives.tcl import augment_patches, infonce, lmi_loss
+from vlmixer.trainer.objectives.xvlm import box_loss, cxcywh_to_xyxy, giou
 
 
 def unit(*shape: int, seed: int) -> torch.Tensor:

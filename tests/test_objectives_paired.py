@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from storage.gallery import GalleryReader
-from storage.textstore import TextStoreReader
-from trainer.config import ModelConfig, ObjectiveConfig
-from trainer.data import TextCorpus, WordPieceVocab, concept_wordpieces, task_for_step
-from trainer.loop import load_train_config, train
-from trainer.model import VLMixerModel
-from trainer.objectives import Pretrainer
-from trainer.paired import PairedDataset, PairIndex, collate_paired, fuse, select_rows
-from trainer.synthetic import CONCEPTS, TINY_OVERRIDES, paired_stores, tiny_stores
 from vlmixer.errors import ConfigError
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.textstore import TextStoreReader
+from vlmixer.trainer.config import ModelConfig, ObjectiveConfig
+from vlmixer.trainer.data import TextCorpus, WordPieceVocab, concept_wordpieces, task_for_step
+from vlmixer.trainer.loop import load_train_config, train
+from vlmixer.trainer.model import VLMixerModel
+from vlmixer.trainer.objectives import Pretrainer
+from vlmixer.trainer.paired_data import PairedDataset, PairIndex, collate_paired, fuse, select_rows
+from vlmixer.trainer.synthetic import CONCEPTS, TINY_OVERRIDES, paired_stores, tiny_stores
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
@@ -71,7 +71,7 @@ def test_pairs_link_captions_to_their_images(stores: tuple[Path, Path]) -> None:
 def test_unpaired_captions_are_counted_and_explained(stores: tuple[Path, Path], tmp_path: Path) -> None:
     """Captions keyed to no gallery image (or to none at all) are skipped and counted; when none
     pairs, the error shows keys of both sides and the --image-key remedy."""
-    from trainer.synthetic import random_sentences, write_text_store
+    from vlmixer.trainer.synthetic import random_sentences, write_text_store
 
     g = GalleryReader(stores[0])
     vocab = TextStoreReader(stores[1]).vocab_file
@@ -172,7 +172,7 @@ def test_schedule_and_config_checks() -> None:
     # without a paired task the VALP/TAVP schedule is exactly what it was
     assert [task_for_step(3, s, 0.3) for s in range(50)] == [task_for_step(3, s, 0.3, 0.0) for s in range(50)]
     base = [*TINY_OVERRIDES, "data.gallery=G", "data.paired_text_stores=[T]"]
-    from trainer.config import validate
+    from vlmixer.trainer.config import validate
 
     with pytest.raises(ConfigError, match="objective.paired.itx: unknown"):
         validate(load_train_config(CONFIGS / "albef_paired.yaml", [*base, "objective.paired={itx: 1.0}"]))
@@ -249,9 +249,9 @@ def test_resume_restores_momentum_and_queues(run_stores: tuple[Path, Path, Path]
 def test_views_itc_is_symmetric_cmcl_without_momentum_and_trains_only_the_online_model(tmp_path: Path) -> None:
     """objective.views on unpaired text: the CMC views are the pair. With momentum 0, no queue and no
     distillation, view ITC is the symmetric CMCL at itc_tau; gradients reach the model, not the momentum copy."""
-    from trainer.build import build_datasets, open_stores
-    from trainer.data import collate
-    from trainer.objectives.valp import cmcl_loss
+    from vlmixer.trainer.build import build_datasets, open_stores
+    from vlmixer.trainer.data import collate
+    from vlmixer.trainer.objectives.valp import cmcl_loss
 
     g, t = tiny_stores(tmp_path / "s", n_images=8, n_sentences=16, feature_dim=64)
     cfg = load_train_config(CONFIGS / "tiny.yaml", [f"data.gallery={g}", f"data.text_stores=[{t}]",
@@ -277,7 +277,7 @@ def test_views_itc_is_symmetric_cmcl_without_momentum_and_trains_only_the_online
     assert model.cmcl_proj.weight.grad.abs().sum() > 0
     assert all(q.grad is None for q in pre.paired.momentum.parameters())
     with pytest.raises(ConfigError, match="objective.views.itm"):
-        from trainer.config import validate
+        from vlmixer.trainer.config import validate
 
         validate(load_train_config(CONFIGS / "tiny.yaml", [f"data.gallery={g}", f"data.text_stores=[{t}]",
                                                              "objective.views={itm: 1.0}"]))
@@ -286,7 +286,7 @@ def test_views_itc_is_symmetric_cmcl_without_momentum_and_trains_only_the_online
 def test_images_without_patches_and_captions_without_concepts(tmp_path: Path) -> None:
     """Empty inputs are ordinary: an image with zero patches (no concept, no box) and a caption naming
     nothing the image shows (the concept falls back to a tag) train every objective without NaN."""
-    from trainer.synthetic import write_gallery, write_text_store, write_vocab
+    from vlmixer.trainer.synthetic import write_gallery, write_text_store, write_vocab
 
     dog, cat = CONCEPTS.index("dog"), CONCEPTS.index("cat")
     g = write_gallery(tmp_path / "g", CONCEPTS, [[], [(dog, 0.9), (cat, 0.5)], []], feature_dim=16)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from storage.textstore import TextStoreReader
-from trainer.loop import load_train_config, train
-from trainer.retrieval import recall_at_k
-from trainer.synthetic import CONCEPTS, TINY_OVERRIDES, paired_stores, write_text_store
 from vlmixer.cli import main
+from vlmixer.storage.textstore import TextStoreReader
+from vlmixer.trainer.loop import load_train_config, train
+from vlmixer.trainer.retrieval import recall_at_k
+from vlmixer.trainer.synthetic import CONCEPTS, TINY_OVERRIDES, paired_stores, write_text_store
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "albef_paired.yaml"
 N_IMAGES = 24

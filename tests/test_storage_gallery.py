@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from conftest import TINY_CONCEPTS, build_gallery, synthetic_images
 
-from storage import gallery_format as fmt
-from storage.gallery import GalleryReader, finalize_gallery
-from storage.gallery_writer import GalleryWriter, committed_shards
-from storage.verify import verify_gallery
-from storage.vocab import Vocabulary
 from vlmixer.errors import StoreError
+from vlmixer.storage import gallery_format as fmt
+from vlmixer.storage.gallery import GalleryReader, finalize_gallery
+from vlmixer.storage.gallery_writer import GalleryWriter, committed_shards
+from vlmixer.storage.verify import verify_gallery
+from vlmixer.storage.vocab import Vocabulary
 
 DIM = 48
 
@@ -234,7 +234,7 @@ WRITER_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     from conftest import TINY_CONCEPTS, synthetic_images
-    from storage.gallery_writer import GalleryWriter
+    from vlmixer.storage.gallery_writer import GalleryWriter
     w = GalleryWriter({root!r}, feature_dim=512, concepts=TINY_CONCEPTS, map_size=1 << 20)
     done = w.committed_shards()
     for i in range(10_000):
@@ -320,7 +320,7 @@ def test_finalize_streams_in_chunks_with_the_same_index(tmp_path: Path, monkeypa
     """The concept index and contexts do not depend on finalize's chunk size, and equal a plain
     computation: per concept, patches by confidence descending then id; per image, each concept once
     with its best confidence."""
-    import storage.gallery as gallery_mod
+    import vlmixer.storage.gallery as gallery_mod
 
     rng = np.random.default_rng(5)
     shards = {i: synthetic_images(200 + i, 6, DIM) for i in range(3)}

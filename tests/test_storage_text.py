@@ -10,11 +10,11 @@ import torch
 from conftest import TINY_CONCEPTS, build_gallery, build_text_store, synthetic_images, synthetic_sentences
 from torch.utils.data import DataLoader, Dataset
 
-from storage.gallery import GalleryReader
-from storage.textstore import TextStoreReader, TextStoreWriter, finalize_text_store
-from storage.verify import verify_text
-from storage.vocab import Vocabulary
 from vlmixer.errors import StoreError
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.textstore import TextStoreReader, TextStoreWriter, finalize_text_store
+from vlmixer.storage.verify import verify_text
+from vlmixer.storage.vocab import Vocabulary
 
 
 def test_round_trip_every_field(tmp_path: Path, tiny_vocab_file: Path) -> None:

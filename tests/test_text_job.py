@@ -14,14 +14,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from pipeline.text.corpus import open_corpus_files  # noqa: E402
-from pipeline.text.display import iter_dump_records  # noqa: E402
-from pipeline.text.job import TagJobConfig, TagShard, run_tag_job  # noqa: E402
-from pipeline.text.resolve import build_mapping  # noqa: E402
-from pipeline.text.spacy_model import load_spacy, model_label, resolve_model_name  # noqa: E402
-from pipeline.text.wordpiece import resolve_tokenizer  # noqa: E402
-from storage.textstore import TextStoreReader  # noqa: E402
-from storage.vocab import Vocabulary  # noqa: E402
+from vlmixer.pipeline.text.corpus import open_corpus_files  # noqa: E402
+from vlmixer.pipeline.text.job import TagJobConfig, TagShard, run_tag_job  # noqa: E402
+from vlmixer.pipeline.text.render import iter_dump_records  # noqa: E402
+from vlmixer.pipeline.text.resolve import build_mapping  # noqa: E402
+from vlmixer.pipeline.text.spacy_model import load_spacy, model_label, resolve_model_name  # noqa: E402
+from vlmixer.pipeline.text.wordpiece import resolve_tokenizer  # noqa: E402
+from vlmixer.storage.textstore import TextStoreReader  # noqa: E402
+from vlmixer.storage.vocab import Vocabulary  # noqa: E402
 
 CONCEPTS = Vocabulary(names=("man", "woman", "dog", "horse", "traffic light", "bike", "beach"),
                       variants=(("man",), ("woman",), ("dog",), ("horse",), ("traffic light",),
@@ -70,7 +70,7 @@ import sys, time
 sys.path.insert(0, {tests!r})
 from pathlib import Path
 import test_text_job as t
-from pipeline.text import job
+from vlmixer.pipeline.text import job
 orig = job.TagShard.__call__
 def slow(self, task):
     out = orig(self, task)
@@ -137,7 +137,7 @@ def test_spacy_n_process_matches_one_process(tmp_path, nlp):
 def test_shard_callable_is_plain_and_picklable(tmp_path, nlp):
     import pickle
 
-    from pipeline.text.corpus import plan_shards
+    from vlmixer.pipeline.text.corpus import plan_shards
     corpus = write_corpus(tmp_path / "c.txt", 40)
     cfg = make_config(corpus, tmp_path / "store", nlp, 20)
     run_tag_job(cfg, progress=False, nlp=nlp)  # creates the store header

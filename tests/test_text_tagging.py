@@ -12,22 +12,22 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipeline.text.concepts import ConceptMapping, MappingEntry  # noqa: E402
-from pipeline.text.corpus import open_corpus_files  # noqa: E402
-from pipeline.text.display import iter_dump_records, mark_sentence  # noqa: E402
-from pipeline.text.gemm import NumpyGemmOps  # noqa: E402
-from pipeline.text.job import TagJobConfig, run_tag_job  # noqa: E402
-from pipeline.text.resolve import build_mapping  # noqa: E402
-from pipeline.text.spacy_model import load_spacy, model_label, resolve_model_name  # noqa: E402
-from pipeline.text.wordpiece import (  # noqa: E402
+from vlmixer.cli import CommandTree  # noqa: E402
+from vlmixer.errors import VlmixerError  # noqa: E402
+from vlmixer.pipeline.text.concepts import ConceptMapping, MappingEntry  # noqa: E402
+from vlmixer.pipeline.text.corpus import open_corpus_files  # noqa: E402
+from vlmixer.pipeline.text.gemm import NumpyGemmOps  # noqa: E402
+from vlmixer.pipeline.text.job import TagJobConfig, run_tag_job  # noqa: E402
+from vlmixer.pipeline.text.render import iter_dump_records, mark_sentence  # noqa: E402
+from vlmixer.pipeline.text.resolve import build_mapping  # noqa: E402
+from vlmixer.pipeline.text.spacy_model import load_spacy, model_label, resolve_model_name  # noqa: E402
+from vlmixer.pipeline.text.wordpiece import (  # noqa: E402
     BERT_UNCASED_VOCAB_MD5,
     _md5,
     resolve_tokenizer,
 )
-from storage.textstore import TextStoreReader  # noqa: E402
-from storage.vocab import Vocabulary, read_vocab_txt  # noqa: E402
-from vlmixer.cli import CommandTree  # noqa: E402
-from vlmixer.errors import VlmixerError  # noqa: E402
+from vlmixer.storage.textstore import TextStoreReader  # noqa: E402
+from vlmixer.storage.vocab import Vocabulary, read_vocab_txt  # noqa: E402
 
 VOCAB = """man
 dog
@@ -280,7 +280,7 @@ def test_tokenizer_resolution(tmp_path, tokenizer):
 
 def _cli(argv: list[str]) -> int:
     """The text commands only, as `vlmixer` wires them (other command modules are not needed)."""
-    from vlmixer.commands import text
+    from vlmixer.cli.commands import text
 
     parser = argparse.ArgumentParser(prog="vlmixer")
     text.register(CommandTree(parser))
@@ -343,7 +343,7 @@ def test_concepts_from_a_gallery(tmp_path, nlp, tokenizer):
         from conftest import TINY_CONCEPTS, build_gallery, synthetic_images
     except ImportError:
         pytest.skip("gallery test helpers not available")
-    from pipeline.text.resolve import load_concepts
+    from vlmixer.pipeline.text.resolve import load_concepts
 
     gallery = build_gallery(tmp_path / "gallery", {0: synthetic_images(0, 3, 32)})
     concepts = load_concepts(gallery)
@@ -356,14 +356,14 @@ def test_concepts_from_a_gallery(tmp_path, nlp, tokenizer):
 def test_fast_spacy_paths_change_nothing(tmp_path, nlp, tokenizer):
     """The stand-ins for spaCy's attribute ruler and lemmatizer and the numpy-BLAS products give
     the same tags, lemmas and stores as spaCy loaded as it ships."""
-    from pipeline.text.attribute_rules import FastAttributeRuler, _signature, annotator
+    from vlmixer.pipeline.text.attribute_rules import FastAttributeRuler, annotator, token_signature
 
     plain = load_spacy.__wrapped__(resolve_model_name(None))  # a fresh copy, never switched
     annotate = annotator(nlp)
     assert getattr(annotate, "fast", False)
     texts = SENTENCES + ["I'd've thought y'all ain't nothin' like 'em.", "Nobody wants something that big.",
                          "Whether it rains or not, the kids gonna play outside 'til 5 p.m."]
-    assert [_signature(d) for d in annotate(texts)] == [_signature(d) for d in plain.pipe(texts)]
+    assert [token_signature(d) for d in annotate(texts)] == [token_signature(d) for d in plain.pipe(texts)]
     fast, _ = _tag(tmp_path, nlp, tokenizer, texts, out="fast")
     assert isinstance(nlp.get_pipe("tok2vec").model.ops, NumpyGemmOps)
     exact, _ = _tag(tmp_path, plain, tokenizer, texts, out="exact", fast_spacy=False)
@@ -383,7 +383,7 @@ def test_numpy_gemm_is_self_checked_and_single_threaded(monkeypatch):
     import threadpoolctl
     from thinc.api import Ops
 
-    from pipeline.text import gemm
+    from vlmixer.pipeline.text import gemm
 
     def fresh():
         return load_spacy.__wrapped__(resolve_model_name(None))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.checkpoint import latest_checkpoint, load_checkpoint
-from trainer.synthetic import tiny_stores
+from vlmixer.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from vlmixer.trainer.synthetic import tiny_stores
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,9 @@ SCRIPT = textwrap.dedent('''
     import torch
     torch.set_num_threads(1)
     import torch.distributed as dist
-    import trainer.objectives.valp as valp
-    from trainer import distributed as td
-    from trainer.objectives.valp import cmcl_loss
+    import vlmixer.trainer.objectives.valp as valp
+    from vlmixer.trainer import distributed as td
+    from vlmixer.trainer.objectives.valp import cmcl_loss
 
     out = {out!r}
     info = td.setup("cpu")
@@ -60,7 +60,7 @@ SCRIPT = textwrap.dedent('''
         return y
 
     valp.all_gather_with_grad = spy
-    from trainer.loop import load_train_config, train
+    from vlmixer.trainer.loop import load_train_config, train
     cfg = load_train_config({cfg!r}, {overrides!r})
     info2 = train(cfg)
     locals_ = [None] * W

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import latest_checkpoint, load_checkpoint
-from trainer.loop import TrainingDiverged, load_train_config, train
-from trainer.synthetic import tiny_stores
 from vlmixer.errors import ConfigError
+from vlmixer.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from vlmixer.trainer.loop import TrainingDiverged, load_train_config, train
+from vlmixer.trainer.synthetic import tiny_stores
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
 
@@ -73,7 +73,7 @@ def test_resume_after_kill_gives_the_same_losses(stores: tuple[Path, Path], tmp_
 
 def test_nan_guard_stops_with_a_message(stores: tuple[Path, Path], tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import trainer.objectives as objectives
+    import vlmixer.trainer.objectives as objectives
 
     def bad(t, s, tau, global_negatives=True):  # noqa: ANN001, ANN202
         return (t.sum() + s.sum()) * float("nan"), t.shape[0]

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from storage.gallery import GalleryReader
-from storage.textstore import TextStoreReader
-from trainer.cmc import CrossModalCutMix
-from trainer.data import TextCorpus, ValpDataset, WordPieceVocab
-from trainer.synthetic import CONCEPTS, random_sentences, write_gallery, write_text_store, write_vocab
 from vlmixer.cli import main
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.textstore import TextStoreReader
+from vlmixer.trainer.cmc import CrossModalCutMix
+from vlmixer.trainer.data import TextCorpus, ValpDataset, WordPieceVocab
+from vlmixer.trainer.synthetic import CONCEPTS, random_sentences, write_gallery, write_text_store, write_vocab
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_mix_show_html_and_png(stores: tuple[Path, Path], tmp_path: Path) -> Non
 
 
 def test_unreadable_source_gives_grey_box(stores: tuple[Path, Path]) -> None:
-    from trainer.render import patch_crop
+    from vlmixer.trainer.render import patch_crop
 
     gallery = GalleryReader(stores[0])
     odd = gallery.image_patches(1)[0]  # image 1 has no file

@@ -9,14 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from storage.gallery import GalleryReader
-from trainer.config import ModelConfig, ObjectiveConfig
-from trainer.data import TavpDataset, WordPieceVocab, collate, concept_wordpieces
-from trainer.masking import IGNORE
-from trainer.model import VLMixerModel
-from trainer.objectives import Pretrainer
-from trainer.objectives.valp import cmcl_loss, mlm_loss
-from trainer.synthetic import CONCEPTS, write_gallery, write_vocab
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.trainer.config import ModelConfig, ObjectiveConfig
+from vlmixer.trainer.data import TavpDataset, WordPieceVocab, collate, concept_wordpieces
+from vlmixer.trainer.masking import IGNORE
+from vlmixer.trainer.model import VLMixerModel
+from vlmixer.trainer.objectives import Pretrainer
+from vlmixer.trainer.objectives.valp import cmcl_loss, mlm_loss
+from vlmixer.trainer.synthetic import CONCEPTS, write_gallery, write_vocab
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
              "max_position_embeddings": 64, "vocab_size": 0, "hidden_dropout_prob": 0.0,
@@ -27,7 +27,7 @@ TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2
 
 
 def plain_cmcl(t: torch.Tensor, s: torch.Tensor, tau: float) -> float:
-    """SPEC 5 written out: -sum_m log(exp(f(T_m,S_m)/tau) / sum_l exp(f(T_m,S_l)/tau)), f = cosine."""
+    """VLMixer's CMCL written out: -sum_m log(exp(f(T_m,S_m)/tau) / sum_l exp(f(T_m,S_l)/tau)), f = cosine."""
     M = t.shape[0]
     total = 0.0
     for m in range(M):

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from storage.gallery import GalleryReader
-from storage.textstore import TextStoreReader
-from trainer.cmc import CrossModalCutMix
-from trainer.config import TrainConfig
-from trainer.data import TavpDataset, TextCorpus, ValpDataset, WordPieceVocab, concept_wordpieces
 from vlmixer.errors import ConfigError
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.textstore import TextStoreReader
+from vlmixer.trainer.cmc import CrossModalCutMix
+from vlmixer.trainer.config import TrainConfig
+from vlmixer.trainer.data import TavpDataset, TextCorpus, ValpDataset, WordPieceVocab, concept_wordpieces
 
 
 @dataclass
@@ -75,7 +75,7 @@ def build_datasets(cfg: TrainConfig, stores: Stores) -> dict[str, torch.utils.da
                                   patch_mask_prob=o.patch_mask_prob, max_len=d.max_len_tavp,
                                   max_tag_tokens=d.max_tag_tokens, seed=cfg.run.seed)
     if d.paired_ratio > 0.0:
-        from trainer.paired import PairedDataset, PairIndex
+        from vlmixer.trainer.paired_data import PairedDataset, PairIndex
 
         out["paired"] = PairedDataset(
             corpus=TextCorpus(stores.paired_texts, cache_shards=d.text_cache_shards),

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.files import atomic_write, atomic_write_json
 from vlmixer.errors import VlmixerError
+from vlmixer.files import atomic_write, atomic_write_json
 
 
 def rng_state() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Cross-Modal CutMix (SPEC 4): which grounded words become which gallery patches.
+"""Cross-Modal CutMix (VLMixer, Wang et al., ICML 2022): which grounded words become which gallery patches.
 
 For each grounded word of a sentence, with probability r_cmc, one patch of
 the word's concept is drawn from a candidate pool (K patches of the concept
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from storage.gallery import GalleryReader
-from trainer.config import CMCConfig
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.trainer.config import CMCConfig
 
 
 @dataclass(frozen=True)

@@ -27,17 +27,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from storage.files import read_lines
-from storage.gallery import GalleryReader
-from storage.textstore import TextStoreReader
-from trainer.cmc import CrossModalCutMix, MixResult, SampleRandom
-from trainer.masking import IGNORE, MaskSpec, mask_tokens
 from vlmixer.errors import ConfigError, VlmixerError
+from vlmixer.files import read_lines
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.textstore import TextStoreReader
+from vlmixer.trainer.cmc import CrossModalCutMix, MixResult, SampleRandom
+from vlmixer.trainer.masking import IGNORE, MaskSpec, mask_tokens
 
 VALP_SALT = 0x56414C50  # "VALP": separates the random streams of the two tasks
 TAVP_SALT = 0x54415650
 SCHEDULE_SALT = 0x5343
-_TASK_SALTS = {"valp": VALP_SALT, "tavp": TAVP_SALT, "paired": 0x50414952}  # paired: trainer.paired.PAIRED_SALT
+_TASK_SALTS = {"valp": VALP_SALT, "tavp": TAVP_SALT, "paired": 0x50414952}  # paired: paired_data.PAIRED_SALT
 
 
 # -- word-piece vocabulary -----------------------------------------------------------------

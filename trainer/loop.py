@@ -23,16 +23,22 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from storage.files import atomic_write_bytes
-from trainer import distributed as tdist
-from trainer.build import build_datasets, open_stores
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from trainer.config import TrainConfig, validate
-from trainer.data import TaskLoaders, task_for_step
-from trainer.model import VLMixerModel
-from trainer.objectives import Pretrainer
 from vlmixer.config import from_dict, to_dict
 from vlmixer.errors import ConfigError, VlmixerError
+from vlmixer.files import atomic_write_bytes
+from vlmixer.trainer import distributed as tdist
+from vlmixer.trainer.build import build_datasets, open_stores
+from vlmixer.trainer.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from vlmixer.trainer.config import TrainConfig, validate
+from vlmixer.trainer.data import TaskLoaders, task_for_step
+from vlmixer.trainer.model import VLMixerModel
+from vlmixer.trainer.objectives import Pretrainer
 
 # config keys a resume may change: they change neither the data nor the model; a new
 # optim.total_steps extends (or shortens) the run and reshapes the LR decay from the resume on
@@ -286,9 +292,10 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
 
 
 def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainConfig:
-    from vlmixer.config import load_config
+    """Defaults <- a config file or bundled name (`pretrain/tiny`, `vlmixer_base`) <- overrides."""
+    from vlmixer.config import load_config, resolve_config
 
-    return load_config(TrainConfig, path, overrides)
+    return load_config(TrainConfig, None if path is None else resolve_config(path, "pretrain"), overrides)
 
 
 def config_from_checkpoint(state: dict[str, Any]) -> TrainConfig:

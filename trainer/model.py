@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForPreTraining
 
-from trainer.config import ModelConfig
 from vlmixer.errors import ConfigError
+from vlmixer.trainer.config import ModelConfig
 
 
 class PatchEmbedding(nn.Module):

@@ -18,10 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from storage.gallery import GalleryReader
-from storage.textstore import TextStoreReader
-from trainer.cmc import CrossModalCutMix
-from trainer.data import TextCorpus, ValpDataset, WordPieceVocab
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.textstore import TextStoreReader
+from vlmixer.trainer.cmc import CrossModalCutMix
+from vlmixer.trainer.data import TextCorpus, ValpDataset, WordPieceVocab
 
 
 def mixed_sentences(text: TextStoreReader, gallery: GalleryReader, *, n: int, start: int = 0, seed: int = 0,

@@ -20,15 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from storage.gallery import GalleryReader
-from storage.textstore import TextStoreReader
-from trainer.checkpoint import latest_checkpoint, load_checkpoint
-from trainer.config import TrainConfig
-from trainer.data import TextCorpus, WordPieceVocab, collate, read_patches
-from trainer.model import VLMixerModel
-from trainer.paired import PairIndex, _image_row, _text_row
 from vlmixer.config import from_dict
 from vlmixer.errors import ConfigError, VlmixerError
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.textstore import TextStoreReader
+from vlmixer.trainer.checkpoint import latest_checkpoint, load_checkpoint
+from vlmixer.trainer.config import TrainConfig
+from vlmixer.trainer.data import TextCorpus, WordPieceVocab, collate, read_patches
+from vlmixer.trainer.model import VLMixerModel
+from vlmixer.trainer.paired_data import PairIndex, image_row, text_row
 
 KS = (1, 5, 10)
 
@@ -137,12 +137,12 @@ def evaluate_retrieval(model: VLMixerModel, texts: Sequence[TextStoreReader], ga
     t_rows = []
     for s in ps.captions.tolist():
         tokens, _ = corpus.get(int(s))
-        t_rows.append(_text_row(np.concatenate([[vocab.cls], tokens[:max_caption_tokens], [vocab.sep]])))
+        t_rows.append(text_row(np.concatenate([[vocab.cls], tokens[:max_caption_tokens], [vocab.sep]])))
     v_rows = []
     for im in ps.images.tolist():
         pr = gallery.image_patches(int(im))
         feats, spatial, _ = read_patches(gallery, np.arange(pr.start, pr.start + min(len(pr), max_patches)))
-        v_rows.append(_image_row(vocab, feats, spatial))
+        v_rows.append(image_row(vocab, feats, spatial))
     model.eval()
     t = _embed(model, t_rows, batch_size, dev)
     v = _embed(model, v_rows, batch_size, dev)

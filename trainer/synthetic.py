@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from storage.gallery import finalize_gallery
-from storage.gallery_writer import GalleryWriter
-from storage.textstore import TextStoreWriter
-from storage.vocab import Vocabulary
+from vlmixer.storage.gallery import finalize_gallery
+from vlmixer.storage.gallery_writer import GalleryWriter
+from vlmixer.storage.textstore import TextStoreWriter
+from vlmixer.storage.vocab import Vocabulary
 
 # overrides that shrink any configs/pretrain/*.yaml to a CPU smoke run on `tiny_stores`/`paired_stores`
 # (feature_dim 64): a 2-layer 64-wide random BERT, batch 16, short inputs, a higher LR with a short

@@ -18,6 +18,8 @@ import yaml
 
 from vlmixer.errors import ConfigError
 
+CONFIG_KINDS = ("detector", "pretrain")
+
 T = TypeVar("T")
 
 
@@ -164,3 +166,37 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         return from_dict(cls, data)
     except ConfigError as e:
         raise ConfigError(f"{e}{where}") from None
+
+
+def bundled_config_dir() -> Path:
+    """The folder of the configs that ship with vlmixer (a checkout's `configs/`, or the wheel's copy)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("vlmixer.configs")))
+
+
+def bundled_configs(kind: str | None = None) -> list[str]:
+    """Names of the bundled configs, `KIND/NAME` (e.g. `detector/vinvl_x152c4`), sorted."""
+    root = bundled_config_dir()
+    kinds = CONFIG_KINDS if kind is None else (kind,)
+    return sorted(f"{k}/{p.stem}" for k in kinds for p in (root / k).glob("*.yaml"))
+
+
+def resolve_config(spec: str | Path, kind: str | None = None) -> Path:
+    """A config file from a path or a bundled name, as detectron2's model zoo resolves names.
+
+    An existing file wins; otherwise `NAME`, `KIND/NAME` (with or without `.yaml`) name a
+    bundled config, `kind` (`detector` or `pretrain`) saying where a bare name is looked up.
+    Neither is a ConfigError that lists what is bundled.
+    """
+    p = Path(spec)
+    if p.is_file():
+        return p
+    name = str(spec).removesuffix(".yaml")
+    candidates = [n for n in bundled_configs(kind) if n == name or n.split("/", 1)[1] == name]
+    if len(candidates) == 1:
+        return bundled_config_dir() / f"{candidates[0]}.yaml"
+    if len(candidates) > 1:
+        raise ConfigError(f"config {spec!s}: ambiguous bundled name, say which: {', '.join(candidates)}")
+    known = ", ".join(bundled_configs(kind))
+    raise ConfigError(f"{spec!s}: no such config file, nor a bundled config name (bundled: {known})")

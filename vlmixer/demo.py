@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from vlmixer.config import resolve_config
 from vlmixer.errors import VlmixerError
 
 PACKAGE_DATA = Path(__file__).parent / "data"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 SIZES = {
     # name: (synthetic images, training steps, captions used)
@@ -47,13 +47,6 @@ class StageTimes:
         if rc not in (0, None):
             raise VlmixerError(f"demo stage '{name}' failed with exit code {rc}")
         log(f"[demo] {name}: {self.seconds[name]:.1f} s")
-
-
-def config_path(*parts: str) -> Path:
-    p = REPO_ROOT.joinpath("configs", *parts)
-    if not p.exists():
-        raise VlmixerError(f"{p}: bundled config missing (is vlmixer installed from its repository?)")
-    return p
 
 
 def write_photos(folder: Path) -> list[str]:
@@ -144,9 +137,9 @@ def run_demo(out: str | Path, *, size: str = "full", detector_weights: str | Non
     By default the tiny detector config with random weights and the bundled 80-concept
     vocabulary; real weights come with their own config and label map (e.g.
     configs/detector/vinvl_x152c4.yaml + VG-SGG-dicts-vgoi6-clipped.json)."""
-    from storage.gallery import GalleryReader
-    from storage.textstore import TextStoreReader
     from vlmixer.cli import main as cli
+    from vlmixer.storage.gallery import GalleryReader
+    from vlmixer.storage.textstore import TextStoreReader
 
     if detector_weights is None and (detector_config or labelmap):
         raise VlmixerError("--detector-config/--labelmap go with --detector-weights (random weights use the "
@@ -178,7 +171,7 @@ def run_demo(out: str | Path, *, size: str = "full", detector_weights: str | Non
     shutil.copy(PACKAGE_DATA / "demo_concepts.txt", out / "concepts.txt")
 
     gallery, text, run = out / "gallery", out / "text", out / "run"
-    cfg = detector_config or str(config_path("detector", "tiny.yaml"))
+    cfg = detector_config or str(resolve_config("detector/tiny"))
     names = ["--labelmap", labelmap] if labelmap else ["--vocab", str(out / "concepts.txt")]
     build = ["gallery", "build", "--images", str(images), "--detector", cfg, *names, "--out", str(gallery),
              "--ray-address", ray_address, "--shard-size", "32", "--no-progress"]
@@ -191,7 +184,7 @@ def run_demo(out: str | Path, *, size: str = "full", detector_weights: str | Non
                                        "--out", str(text), "--synonyms", "wordnet", "--no-progress"]), log)
     g = GalleryReader(gallery)  # opens its LMDB parts lazily: nothing held while training reads them
     feature_dim = g.feature_dim
-    times.run("train", lambda: cli(["train", "--config", str(config_path("pretrain", "tiny.yaml")),
+    times.run("train", lambda: cli(["train", "--config", str(resolve_config("pretrain/tiny")),
                                     f"model.feature_dim={feature_dim}",
                                     f"data.gallery={gallery}", f"data.text_stores=[{text}]",
                                     f"data.tavp_galleries=[{gallery}]", f"run.out_dir={run}",

@@ -13,7 +13,6 @@ batch, run on the device). `__call__` does both.
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.detector._compat import ensure_detectron2
-from pipeline.detector.config import config_sha256, load_detector_config
-from storage.vocab import Vocabulary, load_vocabulary, read_labelmap_json, read_vocab_txt
 from vlmixer.errors import VlmixerError
+from vlmixer.files import sha256_file
+from vlmixer.pipeline.detector._compat import ensure_detectron2
+from vlmixer.pipeline.detector.config import config_sha256, load_detector_config
+from vlmixer.pipeline.detector.convert import convert_vinvl_checkpoint, load_checkpoint, looks_like_vinvl
+from vlmixer.storage.vocab import Vocabulary, load_vocabulary, read_labelmap_json, read_vocab_txt
 
 
 @dataclass
@@ -73,34 +74,12 @@ def preprocess_image(image_rgb: np.ndarray, min_size: int, max_size: int) -> tup
     return t, h / h0
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load with weights_only=True (no pickle code); errors name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise VlmixerError(f"{p}: checkpoint file does not exist")
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError)
-        raise VlmixerError(f"{p}: cannot load checkpoint with weights_only=True ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict):
-        raise VlmixerError(f"{p}: checkpoint must hold a dict, got {type(obj).__name__}")
-    return obj
-
-
 class Detector:
     """Faster R-CNN C4 feature extractor (see module docstring). Use `from_config`."""
 
     def __init__(self, *, cfg: Any, model: torch.nn.Module, device: torch.device, provenance: dict[str, Any],
                  concepts: Vocabulary | None = None, attributes: Vocabulary | None = None) -> None:
-        from pipeline.detector.model import PadMasker
+        from vlmixer.pipeline.detector.model import PadMasker
 
         self.cfg = cfg
         self.model = model.eval()
@@ -126,7 +105,7 @@ class Detector:
         ensure_detectron2()
         from detectron2.modeling import build_model
 
-        import pipeline.detector.model as m
+        import vlmixer.pipeline.detector.model as m
 
         cfg = load_detector_config(config_path, overrides)
         dev = torch.device(device)
@@ -149,7 +128,7 @@ class Detector:
             if missing or unexpected:
                 raise VlmixerError(f"{wpath}: checkpoint does not fit config {cfg.VLMIXER.NAME}: "
                                    f"missing {sorted(missing)[:10]} unexpected {sorted(unexpected)[:10]}")
-            ckpt_sha = _sha256_file(wpath)
+            ckpt_sha = sha256_file(wpath)
         else:
             ckpt_sha = "random"
         concepts, attributes = _vocabularies(cfg, meta)
@@ -190,7 +169,7 @@ class Detector:
 
     def _calibrate(self) -> None:
         """Random weights: frozen BN statistics and RPN objectness from one seeded synthetic image (model.py)."""
-        from pipeline.detector.model import calibrate_random_model
+        from vlmixer.pipeline.detector.model import calibrate_random_model
 
         h, w = (int(v) for v in self.cfg.VLMIXER.RANDOM_INIT.IMAGE_SIZE)
         g = torch.Generator().manual_seed(int(self.cfg.VLMIXER.RANDOM_INIT.SEED))
@@ -263,7 +242,7 @@ class Detector:
     def _forward(self, tensors: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[Any]:
         from detectron2.structures import ImageList
 
-        from pipeline.detector.model import padded_extent
+        from vlmixer.pipeline.detector.model import padded_extent
 
         div = int(self.cfg.VLMIXER.SIZE_DIVISIBILITY)
         extents = [padded_extent(s, div) for s in sizes]
@@ -307,8 +286,6 @@ def _model_state(ckpt: dict[str, Any], cfg: Any, path: Path) -> tuple[dict[str, 
     state = ckpt.get("model", ckpt)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise VlmixerError(f"{path}: checkpoint has no state dict of tensors (under 'model' or at top level)")
-    from pipeline.detector.convert import convert_vinvl_checkpoint, looks_like_vinvl
-
     if looks_like_vinvl(state):
         state = convert_vinvl_checkpoint(state, cfg)
     return state, meta or {}

@@ -13,8 +13,9 @@ from typing import Any
 
 import yaml
 
-from pipeline.detector._compat import ensure_detectron2
+from vlmixer.config import resolve_config
 from vlmixer.errors import ConfigError
+from vlmixer.pipeline.detector._compat import ensure_detectron2
 
 
 def add_vlmixer_config(cfg: Any) -> None:
@@ -46,7 +47,7 @@ def add_vlmixer_config(cfg: Any) -> None:
     # Use channels_last memory format on CUDA.
     cfg.VLMIXER.CHANNELS_LAST = False
 
-    # Box selection "NMS filter 1" (SPEC 2.1). The per-class NMS IoU is
+    # Box selection "NMS filter 1" (bottom-up attention's, as VinVL extracts). The per-class NMS IoU is
     # MODEL.ROI_HEADS.NMS_THRESH_TEST, the score threshold
     # MODEL.ROI_HEADS.SCORE_THRESH_TEST and the maximum TEST.DETECTIONS_PER_IMAGE.
     cfg.VLMIXER.SELECTION = CN()
@@ -102,9 +103,7 @@ def load_detector_config(path: str | Path, overrides: Sequence[str] = ()) -> Any
     ensure_detectron2()
     from detectron2.config import get_cfg
 
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: detector config file does not exist")
+    p = resolve_config(path, "detector")
     text = p.read_text(encoding="utf-8")
     try:
         data = yaml.safe_load(text)

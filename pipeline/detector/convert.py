@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
-from pipeline.detector._compat import ensure_detectron2
 from vlmixer.errors import VlmixerError
+from vlmixer.files import sha256_file
+from vlmixer.pipeline.detector._compat import ensure_detectron2
 
 _BN_SUFFIXES = ("weight", "bias", "running_mean", "running_var")
 
@@ -99,7 +100,7 @@ def target_state_shapes(cfg: Any) -> dict[str, torch.Size]:
     ensure_detectron2()
     from detectron2.modeling import build_model
 
-    import pipeline.detector.model  # noqa: F401  (registers the product's parts)
+    import vlmixer.pipeline.detector.model  # noqa: F401  (registers the product's parts)
 
     c = cfg.clone()
     c.defrost()
@@ -154,7 +155,7 @@ def convert_vinvl_checkpoint(src_state_dict: Mapping[str, Any], cfg: Any) -> dic
             unmapped.append(f"{k} (attribute head with its own feature extractor: not supported, "
                             f"expected a copy of {box_key})")
     if anchors is not None:
-        import pipeline.detector.model as m
+        import vlmixer.pipeline.detector.model as m
 
         mine = torch.from_numpy(m.legacy_cell_anchors(
             16, cfg.MODEL.ANCHOR_GENERATOR.SIZES[0], cfg.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS[0])).float()
@@ -191,13 +192,26 @@ def save_converted(out_path: str | Path, state: Mapping[str, torch.Tensor], meta
     return out
 
 
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """torch.load with weights_only=True (no pickle code); errors name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise VlmixerError(f"{p}: checkpoint file does not exist")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError)
+        raise VlmixerError(f"{p}: cannot load checkpoint with weights_only=True ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise VlmixerError(f"{p}: checkpoint must hold a dict, got {type(obj).__name__}")
+    return obj
+
+
 def convert_vinvl_file(ckpt_path: str | Path, config_path: str | Path, out_path: str | Path, *,
                        labelmap: str | Path | None = None, concept_vocab: str | Path | None = None,
                        attribute_vocab: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The `vlmixer detector convert --from vinvl` job: load, convert, check, save. Returns the metadata."""
-    from pipeline.detector.api import _sha256_file, load_checkpoint
-    from pipeline.detector.config import config_sha256, load_detector_config
-    from storage.vocab import load_vocabulary, read_labelmap_json, read_vocab_txt
+    from vlmixer.pipeline.detector.config import config_sha256, load_detector_config
+    from vlmixer.storage.vocab import load_vocabulary, read_labelmap_json, read_vocab_txt
 
     cfg = load_detector_config(config_path, overrides)
     concepts = attributes = None
@@ -223,13 +237,13 @@ def convert_vinvl_file(ckpt_path: str | Path, config_path: str | Path, out_path:
         "format": "vlmixer-detector/1",
         "source": "vinvl",
         "source_path": str(ckpt_path),
-        "source_sha256": _sha256_file(Path(ckpt_path)),
+        "source_sha256": sha256_file(Path(ckpt_path)),
         "config_name": cfg.VLMIXER.NAME,
         "config_sha256": config_sha256(cfg),
         "config_text": cfg.dump(),
         "num_classes": n_cls,
         "num_attributes": n_att,
-        "labelmap_sha256": _sha256_file(Path(labelmap)) if labelmap else None,
+        "labelmap_sha256": sha256_file(Path(labelmap)) if labelmap else None,
         "concepts": concepts.to_json() if concepts is not None else None,
         "attributes": attributes.to_json() if attributes is not None else None,
         "concept_vocab_sha256": concepts.sha256 if concepts is not None else None,

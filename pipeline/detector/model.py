@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.detector._compat import ensure_detectron2
-from pipeline.detector.selection import select_boxes
+from vlmixer.pipeline.detector._compat import ensure_detectron2
+from vlmixer.pipeline.detector.selection import select_boxes
 
 ensure_detectron2()
 

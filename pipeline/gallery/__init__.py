@@ -1,11 +1,11 @@
-"""The gallery build job (SPEC 2.2): image sources -> shards -> decode -> detector -> LMDB gallery.
+"""The gallery build job on Ray: image sources -> shards -> decode -> detector -> LMDB gallery.
 
 sources.py  collections -> (key, path) items -> shards with stable ids
 images.py   decode and validate one file (reasons for every bad one)
 work.py     the three steps as plain callables: decode_batch, DetectorRunner, ShardCommitter
 job.py      planning, resume, the Ray and in-process drivers, progress, summary
-show.py     `gallery show`: a picture of one concept's patches
+render.py   `gallery show`: a picture of one concept's patches
 """
-from pipeline.gallery.job import EXIT_SOME_FAILED, BuildOptions, BuildReport, build_gallery
+from vlmixer.pipeline.gallery.job import EXIT_SOME_FAILED, BuildOptions, BuildReport, build_gallery
 
 __all__ = ["EXIT_SOME_FAILED", "BuildOptions", "BuildReport", "build_gallery"]

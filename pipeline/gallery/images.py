@@ -7,7 +7,7 @@ decompression bombs, CMYK or 16-bit or transparent images. Each is a
 in its summary; nothing here raises anything else for a bad file.
 
 Grayscale and palette images are converted to RGB. CMYK, 16-bit and
-transparent images are refused by default (SPEC 2.2: recorded with a reason
+transparent images are refused by default (recorded with a reason
 and skipped, since any conversion is a guess about colour, depth or the
 background); with `strict_modes=False` (`--convert-modes`) they are converted
 where the result is a faithful RGB picture (alpha composited on white) and

@@ -22,17 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import ray_session
-from pipeline.gallery.images import DEFAULT_MAX_PIXELS, DecodePolicy
-from pipeline.gallery.sources import ImageItem, Shard, keys_digest, make_shards, read_source
-from pipeline.gallery.work import (
+from vlmixer.errors import VlmixerError
+from vlmixer.pipeline import ray_session
+from vlmixer.pipeline.gallery.images import DEFAULT_MAX_PIXELS, DecodePolicy
+from vlmixer.pipeline.gallery.sources import ImageItem, Shard, keys_digest, make_shards, read_source
+from vlmixer.pipeline.gallery.work import (
     BatchPiece,
     DetectorRunner,
     ShardCommitter,
     decode_batch,
     failure_piece,
 )
-from vlmixer.errors import VlmixerError
 
 EXIT_SOME_FAILED = 3
 
@@ -155,7 +155,7 @@ def validate(opts: BuildOptions) -> None:
 
 
 def _existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
-    from storage.gallery_writer import committed_shards, list_parts
+    from vlmixer.storage.gallery_writer import committed_shards, list_parts
 
     if not list_parts(out):
         return {}, []
@@ -166,8 +166,8 @@ def _failures(out: Path) -> list[dict[str, str]]:
     """Failed images of every part (key, path, reason, shard, part), without needing a manifest."""
     import msgpack
 
-    from storage.gallery_writer import list_parts, open_part_readonly
-    from storage.lmdb_env import release_env
+    from vlmixer.storage.gallery_writer import list_parts, open_part_readonly
+    from vlmixer.storage.lmdb_env import release_env
 
     rows = []
     for p in list_parts(out):
@@ -226,7 +226,7 @@ def _batches(shard: Shard, size: int) -> list[tuple[ImageItem, ...]]:
 
 
 def _vocabularies(opts: BuildOptions, info: dict[str, Any]) -> tuple[list[list[str]], list[list[str]] | None]:
-    from storage.vocab import read_labelmap_json, read_vocab_txt
+    from vlmixer.storage.vocab import read_labelmap_json, read_vocab_txt
 
     concepts, attributes = info.get("concepts"), info.get("attributes")
     if opts.labelmap:
@@ -245,7 +245,7 @@ def _vocabularies(opts: BuildOptions, info: dict[str, Any]) -> tuple[list[list[s
 
 
 def _provenance(opts: BuildOptions, info: dict[str, Any]) -> dict[str, Any]:
-    from storage.files import sha256_file
+    from vlmixer.files import sha256_file
 
     keep = ("images", "image_root", "shard_size", "batch_size", "seed", "strict_modes", "max_pixels")
     build = {k: getattr(opts, k) for k in keep}
@@ -305,7 +305,7 @@ class Progress:
 
 def build_gallery(opts: BuildOptions) -> BuildReport:
     """Plan, run the shards still to do, finalize; the CLI and the Python API are this function."""
-    from storage.gallery import finalize_gallery
+    from vlmixer.storage.gallery import finalize_gallery
 
     validate(opts)
     t0 = time.perf_counter()

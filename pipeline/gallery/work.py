@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.gallery.images import BadImage, DecodePolicy, load_rgb
-from pipeline.gallery.sources import ImageItem, keys_digest
+from vlmixer.pipeline.gallery.images import BadImage, DecodePolicy, load_rgb
+from vlmixer.pipeline.gallery.sources import ImageItem, keys_digest
 
 # A callable that turns an RGB uint8 image into the detector's input (tensor, scale),
 # cheap and weight-free, so CPU tasks can resize before the detector sees the batch.
@@ -151,7 +151,7 @@ class DetectorRunner:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         if factory is None:
-            from pipeline.detector import Detector
+            from vlmixer.pipeline.detector import Detector
 
             factory = Detector.from_config
         self.detector = factory(config, weights=weights, device=device)
@@ -284,8 +284,8 @@ class ShardCommitter:
     _writer: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        from storage.gallery_writer import GalleryWriter
-        from storage.vocab import Vocabulary
+        from vlmixer.storage.gallery_writer import GalleryWriter
+        from vlmixer.storage.vocab import Vocabulary
 
         self._writer = GalleryWriter(
             self.root, part=self.part, feature_dim=self.feature_dim,

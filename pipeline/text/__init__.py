@@ -13,5 +13,5 @@ Stages, one module each:
   wordpiece.py    the word-piece tokenizer (BERT uncased by default), resolved offline
   tagger.py       one batch of records -> tagged sentences (spaCy, matcher, word-pieces)
   job.py          the sharded, resumable job: a plain shard callable, run in-process or on Ray
-  display.py      `text show` and `text dump` renderings of a store
+  render.py       `text show` and `text dump` renderings of a store
 """

@@ -194,7 +194,7 @@ class FastLemmatizer:
         return doc
 
 
-def _signature(doc: Any) -> list[tuple[str, str, str, str]]:
+def token_signature(doc: Any) -> list[tuple[str, str, str, str]]:
     return [(t.tag_, t.pos_, str(t.morph), t.lemma_) for t in doc]
 
 
@@ -222,8 +222,8 @@ def annotator(nlp: Any) -> Any:
             lemmatizer(fast(doc))
             yield out
 
-    reference = [_signature(d) for d in nlp.pipe(SELF_CHECK)]
-    if [_signature(d) for d in annotate(SELF_CHECK)] != reference:
+    reference = [token_signature(d) for d in nlp.pipe(SELF_CHECK)]
+    if [token_signature(d) for d in annotate(SELF_CHECK)] != reference:
         return nlp.pipe
     annotate.fast = True  # type: ignore[attr-defined]
     return annotate

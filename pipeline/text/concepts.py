@@ -26,9 +26,9 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.files import atomic_write_bytes
-from storage.vocab import Vocabulary
 from vlmixer.errors import VlmixerError
+from vlmixer.files import atomic_write_bytes
+from vlmixer.storage.vocab import Vocabulary
 
 MAPPING_FORMAT = "vlmixer-concept-map/1"
 NOUN_POS = frozenset({"NOUN", "PROPN"})

@@ -22,7 +22,7 @@ from typing import Any
 from thinc.backends.numpy_ops import NumpyOps
 from threadpoolctl import ThreadpoolController
 
-from .attribute_rules import SELF_CHECK, _signature
+from .attribute_rules import SELF_CHECK, token_signature
 
 
 class NumpyGemmOps(NumpyOps):
@@ -57,7 +57,7 @@ def _models(nlp: Any) -> list[Any]:
 
 
 def _annotations(nlp: Any, texts: list[str]) -> list[list[tuple[str, str, str, str]]]:
-    return [_signature(doc) for doc in nlp.pipe(texts)]
+    return [token_signature(doc) for doc in nlp.pipe(texts)]
 
 
 def use_numpy_gemm(nlp: Any, check: list[str] | None = None) -> bool:

@@ -24,10 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import ray_session
-from storage.textstore import TextStoreWriter
-from storage.vocab import Vocabulary
 from vlmixer.errors import VlmixerError
+from vlmixer.pipeline import ray_session
+from vlmixer.storage.textstore import TextStoreWriter
+from vlmixer.storage.vocab import Vocabulary
 
 from .attribute_rules import annotator
 from .concepts import ConceptMapping, ConceptMatcher

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from storage.vocab import Vocabulary, load_vocabulary
 from vlmixer.errors import VlmixerError
+from vlmixer.storage.vocab import Vocabulary, load_vocabulary
 
 from .concepts import ConceptMapping
 from .spacy_model import singularizer
@@ -19,7 +19,7 @@ def load_concepts(spec: str | Path) -> Vocabulary:
     (its own vocabulary, so text and gallery always agree)."""
     p = Path(spec)
     if p.is_dir():
-        from storage.gallery import GalleryReader
+        from vlmixer.storage.gallery import GalleryReader
 
         return GalleryReader(p).concepts
     return load_vocabulary(p)

@@ -25,8 +25,8 @@ import hashlib
 import re
 from typing import Any
 
-from storage.vocab import Vocabulary
 from vlmixer.errors import VlmixerError
+from vlmixer.storage.vocab import Vocabulary
 
 from .concepts import MappingEntry
 

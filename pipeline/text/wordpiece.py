@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from storage.files import atomic_write_bytes
 from vlmixer.errors import VlmixerError
+from vlmixer.files import atomic_write_bytes
 
 DEFAULT_TOKENIZER = "bert-base-uncased"
 BERT_UNCASED_VOCAB_MD5 = "64800d5d8528ce344256daf115d4965e"

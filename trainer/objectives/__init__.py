@@ -2,18 +2,18 @@
 
 `Pretrainer(batch, task)` encodes a batch and returns the weighted total
 and each term, for the task of the step ("valp", "tavp", or "paired": the
-related systems' objectives of `objective.paired`, see `paired.py`).
+related systems' objectives of `objective.paired`, see `paired_losses.py`).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from trainer.config import ObjectiveConfig
-from trainer.model import VLMixerModel
-from trainer.objectives.paired import PairedObjectives
-from trainer.objectives.tavp import patch_concept_loss
-from trainer.objectives.valp import cmcl_loss, mlm_loss
+from vlmixer.trainer.config import ObjectiveConfig
+from vlmixer.trainer.model import VLMixerModel
+from vlmixer.trainer.objectives.paired_losses import PairedObjectives
+from vlmixer.trainer.objectives.tavp import patch_concept_loss
+from vlmixer.trainer.objectives.valp import cmcl_loss, mlm_loss
 
 TASKS = ("valp", "tavp", "paired")
 

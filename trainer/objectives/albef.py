@@ -1,4 +1,4 @@
-"""ALBEF objectives (seed 004): ITC with momentum encoders, queues and momentum distillation; ITM with
+"""ALBEF objectives (Li et al., NeurIPS 2021): ITC with momentum encoders, queues and momentum distillation; ITM with
 hard negatives sampled in-batch by contrastive similarity.
 
 Our model is single-stream, so ALBEF's "unimodal encoders" are the shared
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.distributed import all_gather_with_grad
+from vlmixer.trainer.distributed import all_gather_with_grad
 
 
 @torch.no_grad()

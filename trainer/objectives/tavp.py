@@ -1,4 +1,4 @@
-"""TAVP losses: masked tag modelling and masked-patch concept prediction (SPEC 5)."""
+"""TAVP losses: masked tag modelling and masked-patch concept prediction (VLMixer's TAVP, after U-VisualBERT)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -6,7 +6,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from trainer.masking import IGNORE
+from vlmixer.trainer.masking import IGNORE
 
 
 def patch_concept_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], patch_hidden: torch.Tensor,

@@ -1,4 +1,4 @@
-"""TCL objectives (seed 003): intra-modal contrast (IMC) between two augmented views of one modality, and
+"""TCL objectives (Yang et al., CVPR 2022): intra-modal contrast (IMC) between two augmented views of one modality, and
 local mutual information (LMI) between one view's global [CLS] and the other view's local tokens.
 
 The two views: the online model on augmentation 1 and the momentum model on

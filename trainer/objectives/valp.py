@@ -1,4 +1,4 @@
-"""VALP losses: MLM on the multi-modal sentence, CMCL between its two masked views (SPEC 5)."""
+"""VALP losses: MLM on the multi-modal sentence, CMCL between its two masked views (VLMixer's VALP)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -6,8 +6,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from trainer.distributed import all_gather_with_grad, rank
-from trainer.masking import IGNORE
+from vlmixer.trainer.distributed import all_gather_with_grad, rank
+from vlmixer.trainer.masking import IGNORE
 
 
 def mlm_loss(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor
@@ -36,8 +36,9 @@ def cmcl_loss(t_proj: torch.Tensor, s_proj: torch.Tensor, tau: float, global_neg
     the learning rate; DDP's gradient averaging then makes it the mean over
     the global batch. Returns (loss, number of candidates per row).
     """
-    t = F.normalize(t_proj.float(), dim=-1)
-    s = F.normalize(s_proj.float(), dim=-1)
+    # at least fp32 (bf16 autocast outputs are promoted), never lower than the input's precision
+    t = F.normalize(t_proj.to(torch.promote_types(t_proj.dtype, torch.float32)), dim=-1)
+    s = F.normalize(s_proj.to(torch.promote_types(s_proj.dtype, torch.float32)), dim=-1)
     offset = 0
     if global_negatives:
         s_all = all_gather_with_grad(s)

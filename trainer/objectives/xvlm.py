@@ -1,4 +1,4 @@
-"""X-VLM objectives (seed 002): locate a visual concept from its text (box regression, L1 + GIoU on
+"""X-VLM objectives (Zeng et al., ICML 2022): locate a visual concept from its text (box regression, L1 + GIoU on
 normalised (cx, cy, w, h)), and ITC/ITM at concept (patch) granularity.
 
 A visual concept here is one gallery patch: its box is the detector's, its

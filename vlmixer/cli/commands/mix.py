@@ -9,9 +9,9 @@ from vlmixer.errors import VlmixerError
 
 
 def _mixed(args: argparse.Namespace) -> tuple[list, object]:
-    from storage.gallery import GalleryReader
-    from storage.textstore import TextStoreReader
-    from trainer.render import mixed_sentences
+    from vlmixer.storage.gallery import GalleryReader
+    from vlmixer.storage.textstore import TextStoreReader
+    from vlmixer.trainer.render import mixed_sentences
 
     if args.n < 1:
         raise VlmixerError(f"--n {args.n}: show at least one sentence")
@@ -27,7 +27,7 @@ def _mixed(args: argparse.Namespace) -> tuple[list, object]:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from trainer.render import render_html, render_png
+    from vlmixer.trainer.render import render_html, render_png
 
     suffix = args.out.lower().rsplit(".", 1)[-1]
     if suffix not in ("html", "htm", "png"):
@@ -40,7 +40,7 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from trainer.render import as_jsonl_rows
+    from vlmixer.trainer.render import as_jsonl_rows
 
     items, _ = _mixed(args)
     for row in as_jsonl_rows(items):

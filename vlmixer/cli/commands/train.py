@@ -7,7 +7,7 @@ from vlmixer.cli import CommandTree
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.loop import load_train_config, train
+    from vlmixer.trainer.loop import load_train_config, train
 
     cfg = load_train_config(args.config, args.overrides)
     res = train(cfg, resume=args.resume)

@@ -26,12 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from storage.gallery import GalleryReader
-from storage.textstore import TextStoreReader
-from trainer.cmc import SampleRandom
-from trainer.data import Row, TextCorpus, WordPieceVocab, clean_spans, collate, read_patches
-from trainer.masking import IGNORE, MaskSpec, mask_tokens
 from vlmixer.errors import ConfigError
+from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.textstore import TextStoreReader
+from vlmixer.trainer.cmc import SampleRandom
+from vlmixer.trainer.data import Row, TextCorpus, WordPieceVocab, clean_spans, collate, read_patches
+from vlmixer.trainer.masking import IGNORE, MaskSpec, mask_tokens
 
 PAIRED_SALT = 0x50414952  # "PAIR"
 N_VIEWS = 4
@@ -87,14 +87,14 @@ class PairIndex:
                 "tag --image-key`); one built from a COCO json keys them by image id: tag with `--image-key id`")
 
 
-def _text_row(ids: np.ndarray) -> Row:
+def text_row(ids: np.ndarray) -> Row:
     n = len(ids)
     return Row(ids.astype(np.int64), np.arange(n, dtype=np.int64), np.zeros(n, np.int64), np.zeros(n, bool),
                np.full(n, IGNORE, np.int64), np.zeros((0, 0), np.float16), np.zeros((0, 6), np.float32),
                np.zeros(0, np.int64))
 
 
-def _image_row(v: WordPieceVocab, feats: np.ndarray, spatial: np.ndarray) -> Row:
+def image_row(v: WordPieceVocab, feats: np.ndarray, spatial: np.ndarray) -> Row:
     p = len(feats)
     ids = np.concatenate([[v.cls], np.full(p, v.pad), [v.sep]]).astype(np.int64)
     is_patch = np.zeros(p + 2, bool)
@@ -164,7 +164,7 @@ class PairedDataset(torch.utils.data.Dataset):
         prange = self.gallery.image_patches(img)
         pids = np.arange(prange.start, prange.start + min(len(prange), self.max_patches), dtype=np.int64)
         feats, spatial, concepts = read_patches(self.gallery, pids)
-        rows = [_text_row(np.concatenate([[v.cls], tokens, [v.sep]])), _image_row(v, feats, spatial)]
+        rows = [text_row(np.concatenate([[v.cls], tokens, [v.sep]])), image_row(v, feats, spatial)]
         # the concept: a grounded word whose concept the image shows, else one of the image's patches (a tag)
         grounded = [k for k in range(len(spans)) if int(spans[k, 4]) in set(concepts.tolist())]
         if grounded:
@@ -177,9 +177,9 @@ class PairedDataset(torch.utils.data.Dataset):
             c = int(concepts[j])
             words = self.tag_pieces[c][: self.max_caption_tokens]
         else:
-            rows += [_text_row(np.array([v.cls, v.sep])), _image_row(v, feats[:0], spatial[:0])]
+            rows += [text_row(np.array([v.cls, v.sep])), image_row(v, feats[:0], spatial[:0])]
             return PairedExample(self._masked(rows, rng), np.zeros(4, np.float32), False, img, -1)
-        rows += [_text_row(np.concatenate([[v.cls], words, [v.sep]])), _image_row(v, feats[j: j + 1],
+        rows += [text_row(np.concatenate([[v.cls], words, [v.sep]])), image_row(v, feats[j: j + 1],
                                                                                spatial[j: j + 1])]
         return PairedExample(self._masked(rows, rng), normalised_box(spatial[j]), True, img, c)
 
@@ -191,7 +191,7 @@ class PairedDataset(torch.utils.data.Dataset):
         eligible = np.ones(len(cap.ids), bool)
         eligible[[0, -1]] = False
         ids, labels = mask_tokens(cap.ids, eligible, self.mask, rng)
-        m = _text_row(ids)
+        m = text_row(ids)
         m.labels = labels
         return rows + [m]
 

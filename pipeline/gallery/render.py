@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.gallery.images import BadImage, DecodePolicy, load_rgb
 from vlmixer.errors import VlmixerError
+from vlmixer.pipeline.gallery.images import BadImage, DecodePolicy, load_rgb
 
 LABEL_H = 28
 TITLE_H = 30
@@ -64,7 +64,7 @@ def _placeholder(cell: int, text: str) -> Image.Image:
 def render_concept(gallery: str | Path, concept: str, out: str | Path, *, max_patches: int = 48,
                    columns: int = 8, cell: int = 128, image_root: str | Path | None = None) -> dict[str, Any]:
     """Write the grid picture; returns what it drew (concept, id, shown, total)."""
-    from storage.gallery import GalleryReader
+    from vlmixer.storage.gallery import GalleryReader
 
     if max_patches < 1 or columns < 1 or cell < 16:
         raise VlmixerError("--max-patches and --columns must be >= 1, --cell >= 16")

@@ -1,4 +1,4 @@
-"""The `vlmixer` command: one argparse tree, filled by the modules of `vlmixer.commands`.
+"""The `vlmixer` command: one argparse tree, filled by the modules of `vlmixer.cli.commands`.
 
 Each module there defines `register(tree)` and adds its subcommands, so jobs
 can be added without touching this file. Handlers take the parsed namespace
@@ -24,6 +24,7 @@ GROUP_HELP = {
     "mix": "Cross-Modal CutMix: render or sample multi-modal sentences",
     "detector": "detector checkpoints: convert",
     "eval": "evaluation probes",
+    "config": "bundled configs: list",
 }
 
 
@@ -68,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     tree = CommandTree(parser)
-    import vlmixer.commands as pkg
+    import vlmixer.cli.commands as pkg
 
     for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        module = importlib.import_module(f"vlmixer.commands.{info.name}")
+        module = importlib.import_module(f"vlmixer.cli.commands.{info.name}")
         module.register(tree)
     return parser
 

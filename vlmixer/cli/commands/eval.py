@@ -11,10 +11,10 @@ from vlmixer.errors import VlmixerError
 def _retrieval(args: argparse.Namespace) -> int:
     import torch
 
-    from storage.gallery import GalleryReader
-    from storage.textstore import TextStoreReader
-    from trainer.data import WordPieceVocab
-    from trainer.retrieval import KS, evaluate_retrieval, model_from_checkpoint
+    from vlmixer.storage.gallery import GalleryReader
+    from vlmixer.storage.textstore import TextStoreReader
+    from vlmixer.trainer.data import WordPieceVocab
+    from vlmixer.trainer.retrieval import KS, evaluate_retrieval, model_from_checkpoint
 
     if args.n is not None and args.n < 1:
         raise VlmixerError(f"--n {args.n}: evaluate at least one image")

@@ -11,7 +11,7 @@ from vlmixer.cli import CommandTree
 
 
 def _build(a: argparse.Namespace) -> int:
-    from pipeline.gallery.job import BuildOptions, build_gallery
+    from vlmixer.pipeline.gallery.job import BuildOptions, build_gallery
 
     opts = BuildOptions(
         images=a.images, detector=a.detector, out=a.out, weights=a.weights, image_root=a.image_root,
@@ -27,7 +27,7 @@ def _build(a: argparse.Namespace) -> int:
 
 
 def _show(a: argparse.Namespace) -> int:
-    from pipeline.gallery.show import render_concept
+    from vlmixer.pipeline.gallery.render import render_concept
 
     info = render_concept(a.gallery, a.concept, a.out, max_patches=a.max_patches, columns=a.columns,
                           cell=a.cell, image_root=a.image_root)
@@ -37,7 +37,7 @@ def _show(a: argparse.Namespace) -> int:
 
 
 def _finalize(a: argparse.Namespace) -> int:
-    from storage.gallery import finalize_gallery
+    from vlmixer.storage.gallery import finalize_gallery
 
     m = finalize_gallery(a.gallery)
     print(f"{a.gallery}: index rebuilt: {m['images']} images, {m['patches']} patches, {m['failed']} failed")

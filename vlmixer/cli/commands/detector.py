@@ -1,23 +1,18 @@
-"""`vlmixer detector ...`: checkpoint conversion for the region detector (SPEC 2.1)."""
+"""`vlmixer detector ...`: checkpoint conversion for the region detector."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from vlmixer.cli import CommandTree
 from vlmixer.errors import VlmixerError
 
-_DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "detector" / "vinvl_x152c4.yaml"
-
 
 def _convert(args: argparse.Namespace) -> int:
-    from pipeline.detector.convert import convert_vinvl_file
+    from vlmixer.pipeline.detector.convert import convert_vinvl_file
 
     if args.source != "vinvl":
         raise VlmixerError(f"--from {args.source}: only 'vinvl' checkpoints can be converted")
-    config = args.config or (_DEFAULT_CONFIG if _DEFAULT_CONFIG.is_file() else None)
-    if config is None:
-        raise VlmixerError("--config is required (a detector yaml, e.g. configs/detector/vinvl_x152c4.yaml)")
+    config = args.config or "detector/vinvl_x152c4"
     if args.labelmap is None and args.concept_vocab is None:
         raise VlmixerError("give the class names: --labelmap JSON or --concept-vocab TXT")
     meta = convert_vinvl_file(args.checkpoint, config, args.out, labelmap=args.labelmap,
@@ -36,7 +31,7 @@ def register(tree: CommandTree) -> None:
                 "--labelmap VG-SGG-dicts-vgoi6-clipped.json --out vinvl_x152c4.pth")
     p.add_argument("checkpoint", help="source checkpoint (.pth, loaded with weights_only=True)")
     p.add_argument("--from", dest="source", default="vinvl", choices=["vinvl"], help="checkpoint family")
-    p.add_argument("--config", default=None, help="detector yaml (default: configs/detector/vinvl_x152c4.yaml)")
+    p.add_argument("--config", default=None, help="detector yaml or bundled name (default: vinvl_x152c4)")
     p.add_argument("--labelmap", default=None, help="label map json (label_to_idx, attribute_to_idx; 1-based)")
     p.add_argument("--concept-vocab", default=None, help="class names, one per line (instead of --labelmap)")
     p.add_argument("--attribute-vocab", default=None, help="attribute names, one per line")

@@ -8,7 +8,7 @@ from vlmixer.cli import CommandTree
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from storage.verify import store_kind, verify_store
+    from vlmixer.storage.verify import store_kind, verify_store
 
     bad = 0
     for path in args.stores:
@@ -27,7 +27,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _gallery_info(args: argparse.Namespace) -> int:
-    from storage.verify import format_info, gallery_info
+    from vlmixer.storage.verify import format_info, gallery_info
 
     info = gallery_info(args.gallery)
     print(json.dumps(info, indent=1) if args.json else format_info(info))
@@ -35,7 +35,7 @@ def _gallery_info(args: argparse.Namespace) -> int:
 
 
 def _text_info(args: argparse.Namespace) -> int:
-    from storage.verify import format_info, text_info
+    from vlmixer.storage.verify import format_info, text_info
 
     info = text_info(args.store)
     print(json.dumps(info, indent=1) if args.json else format_info(info))

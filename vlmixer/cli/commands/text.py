@@ -25,18 +25,18 @@ def _corpus_args(p: argparse.ArgumentParser) -> None:
 
 
 def _mapping(args: argparse.Namespace, nlp: object) -> tuple[object, object]:
-    from pipeline.text.resolve import build_mapping, load_concepts
+    from vlmixer.pipeline.text.resolve import build_mapping, load_concepts
 
     concepts = load_concepts(args.concepts)
     return concepts, build_mapping(concepts, nlp, synonyms=args.synonyms, mapping_file=getattr(args, "mapping", None))
 
 
 def _tag(args: argparse.Namespace) -> int:
-    from pipeline.text.corpus import open_corpus_files
-    from pipeline.text.job import TagJobConfig, run_tag_job
-    from pipeline.text.spacy_model import load_spacy, model_label, resolve_model_name
-    from pipeline.text.wordpiece import resolve_tokenizer
     from vlmixer.errors import VlmixerError
+    from vlmixer.pipeline.text.corpus import open_corpus_files
+    from vlmixer.pipeline.text.job import TagJobConfig, run_tag_job
+    from vlmixer.pipeline.text.spacy_model import load_spacy, model_label, resolve_model_name
+    from vlmixer.pipeline.text.wordpiece import resolve_tokenizer
 
     for name in ("shard_size", "batch_size", "n_process", "max_sentence_chars"):
         if getattr(args, name) < 1:
@@ -70,7 +70,7 @@ def _tag(args: argparse.Namespace) -> int:
 
 
 def _concepts(args: argparse.Namespace) -> int:
-    from pipeline.text.spacy_model import load_spacy, resolve_model_name
+    from vlmixer.pipeline.text.spacy_model import load_spacy, resolve_model_name
 
     nlp = load_spacy(resolve_model_name(args.spacy_model))
     concepts, mapping = _mapping(args, nlp)
@@ -83,8 +83,8 @@ def _concepts(args: argparse.Namespace) -> int:
 
 
 def _vocab(args: argparse.Namespace) -> int:
-    from pipeline.text.corpus import decode_items, open_corpus_files, plan_shards
-    from pipeline.text.wordpiece import train_wordpiece
+    from vlmixer.pipeline.text.corpus import decode_items, open_corpus_files, plan_shards
+    from vlmixer.pipeline.text.wordpiece import train_wordpiece
 
     files = open_corpus_files(args.input, fmt=args.format, field=args.field, id_field=args.id_field,
                               split="no")
@@ -106,8 +106,8 @@ def _vocab(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from pipeline.text.display import show
-    from storage.textstore import TextStoreReader
+    from vlmixer.pipeline.text.render import show
+    from vlmixer.storage.textstore import TextStoreReader
 
     reader = TextStoreReader(args.store)
     n = show(reader, args.n, sys.stdout, start=args.start, grounded_only=args.grounded)
@@ -116,8 +116,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _dump(args: argparse.Namespace) -> int:
-    from pipeline.text.display import dump_jsonl
-    from storage.textstore import TextStoreReader
+    from vlmixer.pipeline.text.render import dump_jsonl
+    from vlmixer.storage.textstore import TextStoreReader
 
     reader = TextStoreReader(args.store)
     if args.out in (None, "-"):

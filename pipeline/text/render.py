@@ -5,7 +5,7 @@ import json
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from storage.textstore import TextStoreReader
+from vlmixer.storage.textstore import TextStoreReader
 
 
 def mark_sentence(text: str, spans: list[tuple[int, int, str]]) -> str:

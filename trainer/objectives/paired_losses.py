@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.config import MOMENTUM_OBJECTIVES, ObjectiveConfig
-from trainer.model import Encoded, VLMixerModel
-from trainer.objectives.albef import (
+from vlmixer.trainer.config import MOMENTUM_OBJECTIVES, ObjectiveConfig
+from vlmixer.trainer.model import Encoded, VLMixerModel
+from vlmixer.trainer.objectives.albef import (
     FeatureQueue,
     ITMHead,
     Temperature,
@@ -28,10 +28,10 @@ from trainer.objectives.albef import (
     ramped_alpha,
     sample_hard_negatives,
 )
-from trainer.objectives.tcl import augment_patches, infonce, lmi_loss
-from trainer.objectives.valp import mlm_loss
-from trainer.objectives.xvlm import BoxHead, box_loss
-from trainer.paired import N_VIEWS, fuse, select_rows
+from vlmixer.trainer.objectives.tcl import augment_patches, infonce, lmi_loss
+from vlmixer.trainer.objectives.valp import mlm_loss
+from vlmixer.trainer.objectives.xvlm import BoxHead, box_loss
+from vlmixer.trainer.paired_data import N_VIEWS, fuse, select_rows
 
 
 class PairedObjectives(nn.Module):

@@ -1,13 +1,18 @@
-"""Small file primitives every store uses: atomic writes and content hashes."""
+"""File primitives every layer uses: atomic writes, line files and content hashes.
+
+They sit at the ground of the package (beside errors and the config loader) so that
+storage, the batch jobs and the trainer share one crash-safe way of writing a file."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from vlmixer.errors import VlmixerError
 
 
 def atomic_write(path: str | Path, fill: Callable[[BinaryIO], object]) -> None:
@@ -42,29 +47,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def read_lines(path: str | Path, what: str) -> list[str]:
     """A UTF-8 text file's lines (vocabularies, image lists); unreadable is a VlmixerError
     naming the file and `what` it should have been."""
-    from vlmixer.errors import VlmixerError
-
     p = Path(path)
     try:
         return p.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise VlmixerError(f"{p}: cannot read {what} ({e})") from None
-
-
-def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
-    """A store's json header or manifest; missing or damaged is a StoreError naming the file."""
-    from vlmixer.errors import StoreError
-
-    p = Path(path)
-    if not p.exists():
-        raise StoreError(f"{p}: missing {what}")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StoreError(f"{p}: corrupted {what} ({e})") from None
-    if not isinstance(data, dict):
-        raise StoreError(f"{p}: corrupted {what} (not a json object)")
-    return data
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -91,17 +78,3 @@ def dir_size(path: str | Path) -> int:
             except OSError:
                 pass
     return total
-
-
-def check_format(meta: Mapping[str, Any], path: Path, *, name: str, version: int, what: str, remedy: str) -> None:
-    """Refuse a header or manifest of another format or version, saying how to get a readable one.
-
-    One rule for both stores: a store written by another format version is never read
-    half-way, it is rebuilt (`remedy`) or read with the vlmixer that wrote it."""
-    from vlmixer.errors import StoreError
-
-    if meta.get("format") != name:
-        raise StoreError(f"{path}: not a vlmixer {what} (format={meta.get('format')!r})")
-    if meta.get("version") != version:
-        raise StoreError(f"{path}: {what} format version {meta.get('version')!r}, this vlmixer reads "
-                         f"version {version}; {remedy} or use a matching vlmixer")
