@@ -11,10 +11,11 @@ from vlmixer.cli import CommandTree
 
 
 def _build(a: argparse.Namespace) -> int:
+    from vlmixer.config import resolve_config
     from vlmixer.pipeline.gallery.job import BuildOptions, build_gallery
 
     opts = BuildOptions(
-        images=a.images, detector=a.detector, out=a.out, weights=a.weights, image_root=a.image_root,
+        images=a.images, detector=str(resolve_config(a.detector, "detector")), out=a.out, weights=a.weights, image_root=a.image_root,
         labelmap=a.labelmap, vocab=a.vocab, ray_address=a.ray_address, num_cpus=a.num_cpus,
         shard_size=a.shard_size, batch_size=a.batch_size, num_gpus_per_worker=a.num_gpus_per_worker,
         cpu_workers=a.cpu_workers, threads=a.threads, retry_failed=a.retry_failed, seed=a.seed, device=a.device,
@@ -48,13 +49,13 @@ def register(tree: CommandTree) -> None:
     p = tree.subcommand(
         "gallery", "build", _build,
         help="detect regions in an image collection and write an LMDB patch gallery (Ray, resumable)",
-        example="vlmixer gallery build --images coco/val2014 --detector configs/detector/tiny.yaml "
+        example="vlmixer gallery build --images coco/val2014 --detector tiny "
                 "--labelmap labelmap.json --out gallery --ray-address local")
     p.add_argument("--images", required=True, metavar="SRC",
                    help="a folder of images, a .txt list of paths (or key<TAB>path), or a COCO/VG json")
     p.add_argument("--image-root", metavar="DIR",
                    help="where relative paths of a list file or json point (default: its directory)")
-    p.add_argument("--detector", required=True, metavar="CONFIG", help="detector config yaml")
+    p.add_argument("--detector", required=True, metavar="CONFIG", help="detector config: a yaml file or a bundled name (vinvl_x152c4, butd_r101c4, tiny)")
     p.add_argument("--weights", metavar="CKPT", help="detector checkpoint (default: random weights, tests only)")
     p.add_argument("--labelmap", metavar="JSON",
                    help="VinVL-style label map naming the classes/attributes, when the detector does not")
