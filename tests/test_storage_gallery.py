@@ -320,7 +320,7 @@ def test_finalize_streams_in_chunks_with_the_same_index(tmp_path: Path, monkeypa
     """The concept index and contexts do not depend on finalize's chunk size, and equal a plain
     computation: per concept, patches by confidence descending then id; per image, each concept once
     with its best confidence."""
-    import vlmixer.storage.gallery as gallery_mod
+    import vlmixer.storage.gallery_finalize as gallery_mod
 
     rng = np.random.default_rng(5)
     shards = {i: random_images(200 + i, 6, DIM) for i in range(3)}

@@ -24,7 +24,8 @@ from typing import Any
 
 from vlmixer.errors import VlmixerError
 from vlmixer.pipeline import ray_session
-from vlmixer.pipeline.gallery.images import DEFAULT_MAX_PIXELS, DecodePolicy
+from vlmixer.pipeline.gallery.images import DecodePolicy
+from vlmixer.pipeline.gallery.options import BuildOptions
 from vlmixer.pipeline.gallery.sources import ImageItem, Shard, keys_digest, make_shards, read_source
 from vlmixer.pipeline.gallery.work import (
     BatchPiece,
@@ -35,40 +36,6 @@ from vlmixer.pipeline.gallery.work import (
 )
 
 EXIT_SOME_FAILED = 3
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """Every knob of a build; the CLI fills it, tests and the bench construct it directly."""
-
-    images: str
-    detector: str
-    out: str
-    weights: str | None = None
-    image_root: str | None = None
-    labelmap: str | None = None
-    vocab: str | None = None
-    ray_address: str = "local"  # "local" (start Ray here), "auto", an address, or "none" (no Ray)
-    num_cpus: int | None = None  # for a local Ray only
-    shard_size: int = 256
-    batch_size: int = 8
-    num_gpus_per_worker: float = 1.0
-    cpu_workers: int | None = None  # detector actors when the cluster has no GPU
-    threads: int | None = None  # torch threads of a CPU detector (in-process, or each CPU actor)
-    retry_failed: bool = False
-    seed: int = 0
-    device: str = "auto"  # in-process only; Ray actors use their GPU if they got one
-    strict_modes: bool = True  # CMYK/16-bit/alpha are failures; False converts them (--convert-modes)
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_inflight_batches: int | None = None
-    progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise
-    max_listed: int = 50
-    # Python API only: builds the detector instead of `pipeline.detector.Detector.from_config`
-    # (must be importable where Ray runs it). Tests pass a double; users a custom detector.
-    detector_factory: Any = None
-
-    def policy(self) -> DecodePolicy:
-        return DecodePolicy(max_pixels=self.max_pixels, strict_modes=self.strict_modes)
 
 
 @dataclass
@@ -155,31 +122,12 @@ def validate(opts: BuildOptions) -> None:
 
 
 def _existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
+    from vlmixer.storage.gallery_failures import failed_images
     from vlmixer.storage.gallery_writer import committed_shards, list_parts
 
     if not list_parts(out):
         return {}, []
-    return committed_shards(out), _failures(out)
-
-
-def _failures(out: Path) -> list[dict[str, str]]:
-    """Failed images of every part (key, path, reason, shard, part), without needing a manifest."""
-    import msgpack
-
-    from vlmixer.storage.gallery_writer import list_parts, open_part_readonly
-    from vlmixer.storage.lmdb_env import release_env
-
-    rows = []
-    for p in list_parts(out):
-        env = open_part_readonly(p)
-        try:
-            db = env.open_db(b"failed", create=False)
-            with env.begin(db=db) as txn:
-                for k, v in txn.cursor():
-                    rows.append({"key": bytes(k).decode(), **msgpack.unpackb(bytes(v)), "part": p.name})
-        finally:
-            release_env(env)
-    return sorted(rows, key=lambda r: r["key"])
+    return committed_shards(out), failed_images(out)
 
 
 def plan(opts: BuildOptions, items: Sequence[ImageItem], committed: dict[str, dict[str, Any]],
@@ -216,6 +164,10 @@ def plan(opts: BuildOptions, items: Sequence[ImageItem], committed: dict[str, di
                 raise VlmixerError(f"{opts.out}: failures recorded in {part}; this build writes part 0 only")
             todo.append(Shard(shard_id=f"r{attempt}-{origin}", items=tuple(sorted(group, key=lambda i: i.key))))
     return todo, skipped
+
+
+def _policy(opts: BuildOptions) -> DecodePolicy:
+    return DecodePolicy(max_pixels=opts.max_pixels, strict_modes=opts.strict_modes)
 
 
 def _batches(shard: Shard, size: int) -> list[tuple[ImageItem, ...]]:
@@ -305,7 +257,8 @@ class Progress:
 
 def build_gallery(opts: BuildOptions) -> BuildReport:
     """Plan, run the shards still to do, finalize; the CLI and the Python API are this function."""
-    from vlmixer.storage.gallery import finalize_gallery
+    from vlmixer.storage.gallery_failures import failed_images
+    from vlmixer.storage.gallery_finalize import finalize_gallery
 
     validate(opts)
     t0 = time.perf_counter()
@@ -327,7 +280,7 @@ def build_gallery(opts: BuildOptions) -> BuildReport:
             progress.close()
     manifest = finalize_gallery(out)
     report.gallery_images, report.gallery_patches = manifest["images"], manifest["patches"]
-    report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in _failures(out)]
+    report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in failed_images(out)]
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -357,7 +310,7 @@ def _run_in_process(opts: BuildOptions, todo: list[Shard], progress: Progress, r
         for shard in todo:
             pieces = []
             for chunk in _batches(shard, opts.batch_size):
-                piece = runner.run(decode_batch(chunk, opts.policy(), pre))
+                piece = runner.run(decode_batch(chunk, _policy(opts), pre))
                 progress.update(piece.summary())
                 pieces.append(piece)
             _record(report, committer.commit(shard.shard_id, shard.keys_sha256, _extra(opts, shard), *pieces))
@@ -434,7 +387,7 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
         report.mode, report.workers = f"ray {opts.ray_address}", n_actors
         window = opts.max_inflight_batches or 2 * n_actors + 2
         max_open = n_actors + 2
-        policy = opts.policy()
+        policy = _policy(opts)
 
         batches: Iterator[tuple[int, int, tuple[ImageItem, ...]]] = (
             (si, bi, chunk) for si, s in enumerate(todo) for bi, chunk in enumerate(_batches(s, opts.batch_size)))

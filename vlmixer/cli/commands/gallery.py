@@ -1,13 +1,15 @@
 """`vlmixer gallery build | show | finalize` (`gallery info` lives in stores.py).
 
 Thin wiring: arguments -> `pipeline.gallery` functions, which are the Python
-API too. Heavy imports happen inside the handlers.
+API too. The build's defaults come from `BuildOptions` (a light module);
+heavy imports happen inside the handlers.
 """
 from __future__ import annotations
 
 import argparse
 
 from vlmixer.cli import CommandTree
+from vlmixer.pipeline.gallery.options import default
 
 
 def _build(a: argparse.Namespace) -> int:
@@ -61,30 +63,36 @@ def register(tree: CommandTree) -> None:
                    help="VinVL-style label map naming the classes/attributes, when the detector does not")
     p.add_argument("--vocab", metavar="TXT", help="concept vocabulary file (one class per line), instead of --labelmap")
     p.add_argument("--out", required=True, metavar="GALLERY", help="gallery directory (resumed if it exists)")
-    p.add_argument("--ray-address", default="local", metavar="ADDR",
-                   help="'local' starts Ray here (default), 'auto' joins the running cluster, an address "
-                        "joins that one, 'none' runs in this process without Ray")
-    p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs for a local Ray (default: all)")
-    p.add_argument("--shard-size", type=int, default=256, metavar="N",
-                   help="images per shard, the unit of commit and resume (default 256); keep it when resuming")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per detector batch (default 8)")
-    p.add_argument("--num-gpus-per-worker", type=float, default=1.0, metavar="G",
-                   help="GPUs per detector actor (default 1; 0.5 puts two on a GPU; 0 forces CPU actors)")
-    p.add_argument("--cpu-workers", type=int, metavar="N",
+    p.add_argument("--ray-address", default=default("ray_address"), metavar="ADDR",
+                   help="'local' starts Ray here, 'auto' joins the running cluster, an address "
+                        "joins that one, 'none' runs in this process without Ray (default %(default)s)")
+    p.add_argument("--num-cpus", type=int, default=default("num_cpus"), metavar="N",
+                   help="CPUs for a local Ray (default: all)")
+    p.add_argument("--shard-size", type=int, default=default("shard_size"), metavar="N",
+                   help="images per shard, the unit of commit and resume (default %(default)s); "
+                        "keep it when resuming")
+    p.add_argument("--batch-size", type=int, default=default("batch_size"), metavar="B",
+                   help="images per detector batch (default %(default)s)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=default("num_gpus_per_worker"), metavar="G",
+                   help="GPUs per detector actor (default %(default)s; 0.5 puts two on a GPU; 0 forces CPU actors)")
+    p.add_argument("--cpu-workers", type=int, default=default("cpu_workers"), metavar="N",
                    help="detector actors when there is no GPU (default: one per CPU, 2 threads each above 8 CPUs)")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=int, default=default("threads"), metavar="N",
                    help="torch threads of a CPU detector (in-process, or each CPU actor); "
                         "default: torch's own in-process, 1-2 per actor")
     p.add_argument("--retry-failed", action="store_true",
                    help="also re-run the images recorded as failed by earlier runs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shard assignment (default 0)")
-    p.add_argument("--device", default="auto", help="device with --ray-address none: auto, cpu, cuda[:N]")
+    p.add_argument("--seed", type=int, default=default("seed"),
+                   help="seed of the shard assignment (default %(default)s)")
+    p.add_argument("--device", default=default("device"),
+                   help="device with --ray-address none: auto, cpu, cuda[:N] (default %(default)s)")
     p.add_argument("--convert-modes", action="store_true",
                    help="convert CMYK, 16-bit and alpha images to RGB (listed as converted) instead of "
                         "recording them as failed")
-    p.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
-                   help="larger images are refused as decompression bombs (default: Pillow's 89,478,485)")
-    p.add_argument("--max-listed", type=int, default=50, metavar="N", help="failures listed in the summary")
+    p.add_argument("--max-pixels", type=int, default=default("max_pixels"), metavar="N",
+                   help="larger images are refused as decompression bombs (default: Pillow's %(default)s)")
+    p.add_argument("--max-listed", type=int, default=default("max_listed"), metavar="N",
+                   help="failures listed in the summary (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
 
     s = tree.subcommand(
