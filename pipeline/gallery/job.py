@@ -34,6 +34,7 @@ from vlmixer.pipeline.gallery.work import (
     decode_batch,
     failure_piece,
 )
+from vlmixer.storage.finalize_budget import MIN_FINALIZE_MEMORY_MB
 
 EXIT_SOME_FAILED = 3
 
@@ -119,6 +120,9 @@ def validate(opts: BuildOptions) -> None:
         raise VlmixerError("--ray-address must be auto, local, none or a Ray address")
     if opts.max_pixels < 1:
         raise VlmixerError("--max-pixels must be >= 1")
+    if opts.finalize_memory_mb < MIN_FINALIZE_MEMORY_MB:
+        raise VlmixerError(f"--finalize-memory-mb {opts.finalize_memory_mb}: finalize needs at least "
+                           f"{MIN_FINALIZE_MEMORY_MB} MB")
 
 
 def _existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
@@ -278,7 +282,7 @@ def build_gallery(opts: BuildOptions) -> BuildReport:
                 _run_ray(opts, todo, progress, report)
         finally:
             progress.close()
-    manifest = finalize_gallery(out)
+    manifest = finalize_gallery(out, opts.finalize_memory_mb)
     report.gallery_images, report.gallery_patches = manifest["images"], manifest["patches"]
     report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in failed_images(out)]
     report.seconds = time.perf_counter() - t0

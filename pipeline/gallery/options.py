@@ -2,12 +2,15 @@
 
 The CLI (`vlmixer gallery build`) takes its defaults from here, tests and the
 bench construct `BuildOptions` directly, and nothing here imports more than
-the standard library, so `vlmixer --help` stays instant.
+the standard library (and a numpy-free corner of storage), so `vlmixer --help`
+stays instant.
 """
 from __future__ import annotations
 
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
+
+from vlmixer.storage.finalize_budget import DEFAULT_FINALIZE_MEMORY_MB
 
 # Pillow's own decompression-bomb limit (~ 0.25 GiB of RGBA); images.py enforces it per decode
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -39,6 +42,7 @@ class BuildOptions:
     max_inflight_batches: int | None = None
     progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise
     max_listed: int = 50
+    finalize_memory_mb: int = DEFAULT_FINALIZE_MEMORY_MB  # finalize's peak memory: external sort beyond it
     # Python API only: builds the detector instead of `pipeline.detector.Detector.from_config`
     # (must be importable where Ray runs it). Tests pass a double; users a custom detector.
     detector_factory: Any = None

@@ -10,6 +10,7 @@ import argparse
 
 from vlmixer.cli import CommandTree
 from vlmixer.pipeline.gallery.options import default
+from vlmixer.storage.finalize_budget import DEFAULT_FINALIZE_MEMORY_MB, MIN_FINALIZE_MEMORY_MB
 
 
 def _build(a: argparse.Namespace) -> int:
@@ -23,6 +24,7 @@ def _build(a: argparse.Namespace) -> int:
         cpu_workers=a.cpu_workers, threads=a.threads, retry_failed=a.retry_failed, seed=a.seed, device=a.device,
         strict_modes=not a.convert_modes, max_pixels=a.max_pixels,
         progress=False if a.no_progress else None, max_listed=a.max_listed,
+        finalize_memory_mb=a.finalize_memory_mb,
     )
     report = build_gallery(opts)
     print(report.summary(opts.max_listed))
@@ -40,9 +42,9 @@ def _show(a: argparse.Namespace) -> int:
 
 
 def _finalize(a: argparse.Namespace) -> int:
-    from vlmixer.storage.gallery import finalize_gallery
+    from vlmixer.storage.gallery_finalize import finalize_gallery
 
-    m = finalize_gallery(a.gallery)
+    m = finalize_gallery(a.gallery, a.memory_mb)
     print(f"{a.gallery}: index rebuilt: {m['images']} images, {m['patches']} patches, {m['failed']} failed")
     return 0
 
@@ -94,6 +96,8 @@ def register(tree: CommandTree) -> None:
     p.add_argument("--max-listed", type=int, default=default("max_listed"), metavar="N",
                    help="failures listed in the summary (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--finalize-memory-mb", type=int, default=default("finalize_memory_mb"), metavar="MB",
+                   help="peak memory of the finalize step; larger galleries sort on disk (default %(default)s)")
 
     s = tree.subcommand(
         "gallery", "show", _show,
@@ -112,4 +116,7 @@ def register(tree: CommandTree) -> None:
         help="rebuild a gallery's concept index and manifest from its committed shards",
         example="vlmixer gallery finalize gallery")
     f.add_argument("gallery", help="gallery directory")
+    f.add_argument("--memory-mb", type=int, default=DEFAULT_FINALIZE_MEMORY_MB, metavar="MB",
+                   help="peak memory: the concept index is sorted on disk in runs that fit it, so any "
+                        f"gallery size finalizes within it (default %(default)s, at least {MIN_FINALIZE_MEMORY_MB})")
 
