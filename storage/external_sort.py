@@ -2,7 +2,11 @@
 
 Records are `RUN_DTYPE`: a 64-bit sort key, the patch id that breaks ties
 (so every record is distinct and the order is total), and a payload carried
-along. A merge is batched for numpy rather than record by record: each run
+along. Runs are cut from the input in id order, so run i holds smaller ids
+than run i+1: concatenated in run order, equal keys already stand in id
+order, and a stable sort by key alone gives (key, id) order; on sorted
+stretches numpy's stable sort (timsort) merges rather than sorts.
+A merge is batched for numpy rather than record by record: each run
 buffers a block; the smallest last buffered (key, id) over the runs that
 still have unread records is a cutoff below which nothing unread can fall,
 so every buffered record up to it is ordered in one sort and emitted. The
@@ -22,8 +26,9 @@ RUN_DTYPE = np.dtype([("key", "<u8"), ("id", "<i8"), ("conf", "<f4")])
 
 
 def order_records(rec: np.ndarray) -> np.ndarray:
-    """`rec` in (key, id) order."""
-    return rec[np.lexsort((rec["id"], rec["key"]))]
+    """`rec` in (key, id) order, given that records of equal key stand in id order already."""
+    # a contiguous key sorts about twice as fast as the strided field; take gathers faster than []
+    return np.take(rec, np.argsort(np.ascontiguousarray(rec["key"]), kind="stable"))
 
 
 class _Run:
@@ -47,7 +52,7 @@ class _Run:
 
 
 def merge(runs: list[tuple[Path, int]], block: int, emit: Callable[[np.ndarray], None]) -> None:
-    """Merge sorted run files (path, records) into `emit` calls of ordered batches."""
+    """Merge sorted run files (path, records), given in id order, into `emit` calls of ordered batches."""
     rs = [_Run(p, n) for p, n in runs]
     while True:
         for r in rs:
@@ -71,7 +76,8 @@ def merge(runs: list[tuple[Path, int]], block: int, emit: Callable[[np.ndarray],
 
 def merge_all(runs: list[tuple[Path, int]], budget: SortBudget, spill_dir: Path,
               emit: Callable[[np.ndarray], None]) -> None:
-    """Merge any number of runs: passes of `fan_in` runs each until one pass can emit the result.
+    """Merge any number of runs (in id order): passes of `fan_in` consecutive runs each, until one
+    pass can emit the result; a merged run still holds a range of ids below the next one's.
 
     Intermediate runs are written into `spill_dir`, and each merged input is deleted at once, so the
     disk holds the data about once besides the index being written."""

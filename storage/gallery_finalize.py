@@ -34,7 +34,7 @@ import numpy as np
 from vlmixer.errors import StoreError
 from vlmixer.files import atomic_write_json
 from vlmixer.storage import gallery_format as fmt
-from vlmixer.storage.external_sort import RUN_DTYPE, merge_all
+from vlmixer.storage.external_sort import RUN_DTYPE, merge_all, order_records
 from vlmixer.storage.finalize_budget import DEFAULT_FINALIZE_MEMORY_MB, SortBudget
 from vlmixer.storage.gallery_failures import failed_images
 from vlmixer.storage.gallery_writer import check_format, list_parts, open_part_readonly
@@ -303,15 +303,20 @@ def stream_patch_arrays(tmp: Path, layout: Layout, budget: SortBudget) -> np.nda
     return counts
 
 
-def concept_sort_key(concept: np.ndarray, conf: np.ndarray) -> np.ndarray:
-    """One uint64 per patch that orders (concept ascending, confidence descending) exactly as
-    `np.lexsort((-conf, concept))` does: the float bits of -conf made monotonic as unsigned,
-    -0.0 folded onto 0.0 and every NaN onto one NaN after +inf, as numpy's sort treats them."""
+def conf_desc_key(conf: np.ndarray) -> np.ndarray:
+    """A uint32 per confidence that sorts ascending exactly as `-conf` does in numpy's sorts: the
+    float bits of -conf made monotonic as unsigned, -0.0 folded onto 0.0 and every NaN onto one
+    NaN after +inf. Integer keys sort several times faster than floats."""
     neg = -conf.astype("<f4") + np.float32(0.0)
     bits = neg.view("<u4").copy()
     bits[np.isnan(neg)] = 0x7FC00000
-    mono = np.where(bits >> np.uint32(31) == 1, ~bits, bits | np.uint32(0x80000000))
-    return (concept.astype(np.uint64) << np.uint64(32)) | mono.astype(np.uint64)
+    return np.where(bits >> np.uint32(31) == 1, ~bits, bits | np.uint32(0x80000000))
+
+
+def concept_sort_key(concept: np.ndarray, conf: np.ndarray) -> np.ndarray:
+    """One uint64 per patch that orders (concept ascending, confidence descending) exactly as
+    `np.lexsort((-conf, concept))` does."""
+    return (concept.astype(np.uint64) << np.uint64(32)) | conf_desc_key(conf).astype(np.uint64)
 
 
 def sort_concept_index(tmp: Path, layout: Layout, budget: SortBudget, counts: np.ndarray) -> None:
@@ -338,7 +343,7 @@ def sort_concept_index(tmp: Path, layout: Layout, budget: SortBudget, counts: np
             rec["id"] = np.arange(a, a + len(c))
             rec["conf"] = f
             del c, f
-            rec = rec[np.argsort(rec["key"], kind="stable")]  # ids ascend within a chunk: (key, id) order
+            rec = order_records(rec)  # ids ascend within a chunk
             if n <= budget.run_records:
                 emit(rec)
             else:
@@ -388,7 +393,14 @@ def stream_image_contexts(tmp: Path, layout: Layout, budget: SortBudget) -> None
                 if im[0] < next_image or np.any(im[1:] < im[:-1]):
                     raise StoreError(f"{layout.root}: patches are not grouped by image near patch {a}; "
                                      "run `vlmixer verify`")
-                order = np.lexsort((-f, c, im))
+                # the order of np.lexsort((-f, c, im)), from two stable integer sorts: confidence,
+                # then (image rank in the piece, concept)
+                rank = np.zeros(len(im), np.uint64)
+                np.cumsum(im[1:] != im[:-1], out=rank[1:])
+                order = np.argsort(conf_desc_key(f), kind="stable")
+                group = (rank << np.uint64(32)) | c.astype(np.uint64)
+                order = order[np.argsort(group[order], kind="stable")]
+                del rank, group
                 im_s, c_s = im[order], c[order]
                 first = np.ones(len(order), dtype=bool)
                 first[1:] = (im_s[1:] != im_s[:-1]) | (c_s[1:] != c_s[:-1])
