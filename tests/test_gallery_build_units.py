@@ -199,5 +199,7 @@ def test_cli_build_defaults_are_the_options_defaults(monkeypatch: pytest.MonkeyP
         return job.BuildReport(out=opts.out)
 
     monkeypatch.setattr(job, "build_gallery", fake_build)
-    assert main(["gallery", "build", "--images", "imgs", "--detector", "d.yaml", "--out", "g"]) == 0
-    assert seen == [BuildOptions(images="imgs", detector="d.yaml", out="g", progress=None)]
+    from vlmixer.config import resolve_config
+
+    assert main(["gallery", "build", "--images", "imgs", "--detector", "tiny", "--out", "g"]) == 0
+    assert seen == [BuildOptions(images="imgs", detector=str(resolve_config("tiny", "detector")), out="g")]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_CONCEPTS, build_gallery, synthetic_images
 
 from vlmixer.cli import main
 from vlmixer.errors import StoreError
@@ -21,6 +20,7 @@ from vlmixer.storage import gallery_finalize as gf
 from vlmixer.storage.finalize_budget import SortBudget
 from vlmixer.storage.gallery import GalleryReader
 from vlmixer.storage.gallery_writer import GalleryWriter
+from vlmixer.storage.synthetic import TINY_CONCEPTS, build_gallery, random_images
 from vlmixer.storage.verify import verify_gallery
 
 DIM = 8
@@ -37,7 +37,7 @@ def tied_shards(seed: int, n_shards: int = 4, per_shard: int = 12, nan: bool = F
     """Few concepts and confidences rounded to one decimal: many ties within a concept and within
     an image, plus confidences 0.0, -0.0 and +inf (and NaN), and images without patches."""
     rng = np.random.default_rng(seed)
-    shards = {i: synthetic_images(seed * 100 + i, per_shard, DIM) for i in range(n_shards)}
+    shards = {i: random_images(seed * 100 + i, per_shard, DIM) for i in range(n_shards)}
     special = np.array([0.0, -0.0, np.inf] + [np.nan] * nan, np.float32)
     for s in shards.values():
         for im in s:
@@ -99,7 +99,7 @@ def test_nan_confidences_order_as_in_the_whole_array_path(tmp_path: Path, name: 
 @pytest.mark.parametrize("name", ["chunk1", "chunk7", "one_chunk"])
 def test_edge_galleries(tmp_path: Path, name: str) -> None:
     """No patch at all; one image longer than a chunk; a single patch."""
-    one = synthetic_images(7, 1, DIM)[0]
+    one = random_images(7, 1, DIM)[0]
     n = 40
     long_image = dict(one, key="long", boxes=np.tile([[1, 2, 3, 4]], (n, 1)).astype(np.float32),
                       features=np.zeros((n, DIM), np.float32), concepts=np.arange(n) % 4,
@@ -159,7 +159,7 @@ def test_a_damaged_part_is_an_error_not_an_index(tmp_path: Path) -> None:
 
     from vlmixer.storage import gallery_format as fmt
 
-    root = build_gallery(tmp_path / "g", {0: synthetic_images(11, 60, DIM)}, dim=DIM)
+    root = build_gallery(tmp_path / "g", {0: random_images(11, 60, DIM)}, dim=DIM)
     env = lmdb.open(str(root / "parts" / fmt.part_name(0)), max_dbs=16)
     pmeta = env.open_db(b"pmeta")
     with env.begin(write=True) as txn:

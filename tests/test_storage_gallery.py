@@ -336,7 +336,7 @@ def test_finalize_streams_in_chunks_with_the_same_index(tmp_path: Path, monkeypa
 
     whole = arrays()
     monkeypatch.setattr(gallery_mod, "_CHUNK", 7)
-    finalize_gallery(root)
+    finalize_gallery(root, None)  # the whole-array path, in chunks of 7 where it streams
     chunked = arrays()
     assert whole.keys() == chunked.keys() and all(np.array_equal(whole[k], chunked[k]) for k in whole)
 
