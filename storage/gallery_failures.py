@@ -9,7 +9,8 @@ exists, finalize counts it, and the reader lists it: one rule for all three.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +41,35 @@ def open_failures(views: Sequence[PartView]) -> list[dict[str, str]]:
 
 def failed_images(root: str | Path) -> list[dict[str, str]]:
     """The open failures of a gallery, finished or not (no manifest needed)."""
+    with _part_views(Path(root)) as views:
+        return open_failures(views)
+
+
+def count_failed_images(root: str | Path) -> int:
+    """How many images `failed_images` lists, counted without holding them: a build of a
+    web-scale collection can record millions, and finalize needs only the number."""
+    n = 0
+    with _part_views(Path(root)) as views:
+        for i, (_, txn, dbs) in enumerate(views):
+            for key in txn.cursor(db=dbs[b"failed"]).iternext(values=False):
+                if any(t.get(key, db=d[b"imgkey"]) is not None for _, t, d in views):
+                    continue
+                if any(t.get(key, db=d[b"failed"]) is not None for _, t, d in views[i + 1:]):
+                    continue  # counted with the last part that records it
+                n += 1
+    return n
+
+
+@contextmanager
+def _part_views(root: Path) -> Iterator[list[PartView]]:
     envs, views = [], []
     try:
-        for p in list_parts(Path(root)):
+        for p in list_parts(root):
             env = open_part_readonly(p)
             envs.append(env)
             dbs = {n: env.open_db(n, create=False) for n in (b"failed", b"imgkey")}
             views.append((p.name, env.begin(), dbs))
-        return open_failures(views)
+        yield views
     finally:
         for _, txn, _ in views:
             txn.abort()

@@ -37,7 +37,7 @@ from vlmixer.files import atomic_write_json
 from vlmixer.storage import gallery_format as fmt
 from vlmixer.storage.external_sort import RUN_DTYPE, merge_all, order_records
 from vlmixer.storage.finalize_budget import DEFAULT_FINALIZE_MEMORY_MB, SortBudget
-from vlmixer.storage.gallery_failures import failed_images
+from vlmixer.storage.gallery_failures import count_failed_images
 from vlmixer.storage.gallery_writer import check_format, list_parts, open_part_readonly
 from vlmixer.storage.headers import read_json_object
 from vlmixer.storage.lmdb_env import release_env
@@ -72,7 +72,7 @@ def finalize_gallery(root: str | Path, memory_mb: int | None = DEFAULT_FINALIZE_
     if budget is None and memory_mb is not None:
         budget = SortBudget.from_memory_mb(memory_mb)
     layout = read_layout(Path(root))
-    n_failed = len(failed_images(layout.root))
+    n_failed = count_failed_images(layout.root)
     tmp = layout.root / "index.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)  # a crashed finalize's leftovers

@@ -248,3 +248,23 @@ def test_the_build_finalizes_under_its_budget(tmp_path: Path, monkeypatch: pytes
     cfg.write_text("x: 1\n")
     report = job.build_gallery(BuildOptions(images="x", detector=str(cfg), out=str(tmp_path / "g")))
     assert seen == [(tmp_path / "g", BuildOptions.finalize_memory_mb)] and report.gallery_patches == 0
+
+
+def test_failures_counted_once_per_image_over_parts(tmp_path: Path) -> None:
+    """A key failed in two parts is one failed image; one added since in any part is none."""
+    from vlmixer.storage.gallery_failures import count_failed_images, failed_images
+
+    good = random_images(8, 1, DIM)[0]
+    for part, fails in ((0, ["twice", "fixed", "only0"]), (1, ["twice"]), (2, [])):
+        w = GalleryWriter(tmp_path / "g", part=part, feature_dim=DIM, concepts=TINY_CONCEPTS)
+        with w.shard(f"s{part}") as s:
+            for key in fails:
+                s.add_failure(key, f"/x/{key}.jpg", f"bad in part {part}")
+            if part == 2:
+                s.add_image(**dict(good, key="fixed"))
+        w.close()
+    listed = failed_images(tmp_path / "g")
+    assert [(f["key"], f["part"], f["reason"]) for f in listed] == [
+        ("only0", "part-00000", "bad in part 0"), ("twice", "part-00001", "bad in part 1")]
+    assert count_failed_images(tmp_path / "g") == 2
+    assert gf.finalize_gallery(tmp_path / "g", budget=BUDGETS["chunk7"])["failed"] == 2
