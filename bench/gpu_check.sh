@@ -33,12 +33,13 @@ GPU_TESTS="tests/test_gpu_paths.py"
 EXPECTED_TESTS="test_detector_on_cuda_equals_cpu test_selection_on_cuda_equals_cpu_exactly
 test_trainer_steps_in_bf16_autocast_stay_close_to_fp32 test_ddp_over_nccl_in_a_world_of_one_trains_as_the_plain_model"
 DEADLINE=$(( $(date +%s) + 470 ))  # 8 minutes less 10 s for the report
+SCALE=1  # the smoke run's CPU rehearsal gets 4x the caps and no 8-minute deadline
 
 say() { echo "[gpu-check] $*" | tee -a "$LOG"; }
 
 # run_part NAME CAP_S CMD...: at most CAP_S seconds (less if the deadline is nearer); records status
 run_part() {
-  local name="$1" cap="$2"; shift 2
+  local name="$1" cap=$(( $2 * SCALE )); shift 2
   local left=$(( DEADLINE - $(date +%s) ))
   (( cap > left )) && cap=$left
   if (( cap < 5 )); then
@@ -100,6 +101,7 @@ fi
 smoke=()
 if [ "$mode" = "--smoke" ]; then
   smoke=(--smoke)
+  SCALE=4; DEADLINE=$(( DEADLINE + 3600 ))
   say "smoke run on $(hostname): the parts on the CPU with tiny models, nothing installed"
 elif [ "$mode" != "run" ]; then
   echo "usage: bench/gpu_check.sh [--dry-run | --smoke]" >&2; exit 2
@@ -108,13 +110,10 @@ else
   if [ -d "$WHEELS" ]; then
     # the carried wheels and this checkout, into a private folder: the machine's own packages stay as they are
     rm -rf "$SITE"
-    install() {
-      "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
-        --target "$SITE" "$WHEELS"/*.whl \
-      && "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-build-isolation \
-        --no-compile --no-cache-dir --target "$SITE" "$here"
-    }
-    run_part install 60 install
+    pip_target=("$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile
+                --no-cache-dir --target "$SITE")
+    run_part install-wheels 40 "${pip_target[@]}" "$WHEELS"/*.whl
+    run_part install-vlmixer 60 "${pip_target[@]}" --no-build-isolation "$here"
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   else
     say "no wheel folder $WHEELS: using the packages already installed"
@@ -129,5 +128,5 @@ else
 fi
 run_part detector 130 "$PY" bench/gpu/part_detector.py --results "$RESULTS" "${smoke[@]}"
 run_part gallery 70 "$PY" bench/gpu/part_gallery.py --results "$RESULTS" "${smoke[@]}"
-run_part trainer 150 "$PY" bench/gpu/part_trainer.py --results "$RESULTS" "${smoke[@]}"
+run_part trainer 200 "$PY" bench/gpu/part_trainer.py --results "$RESULTS" "${smoke[@]}"
 "$PY" bench/gpu/report.py --results "$RESULTS" --junit "$JUNIT" --out "$OUT/gpu_report.md" | tee -a "$LOG"

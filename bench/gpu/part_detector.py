@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         for stage, v in stages.items():
             res.add("detector_stages", precision=precision, batch=big, stage=stage, ms_per_image=round(v / big, 2),
                     share=round(v / total, 3))
+    precision = "bf16" if dev.type == "cuda" else "fp32"  # the kernels of the mode a build would use
+    set_precision(det, precision)
     with profiled(dev) as prof:
         run(big, big)
         sync(dev)

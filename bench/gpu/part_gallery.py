@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res = Results(a.results)
     smoke = a.smoke
+    dev = pick_device(smoke)  # no CUDA context yet (only asked whether there is one): forking stays safe
     n, size = (8, (320, 240)) if smoke else (a.images, (1000, 600))
     b = 2 if smoke else a.batch_size
     workers = min(a.workers, 2) if smoke else a.workers
@@ -109,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     pool = decode_rate(items * 4, policy, pre, workers)  # enough work to spread over the pool
     res.add("gallery", what=f"decode + resize, {workers} processes (PIL)", images_per_s=round(pool, 1))
 
-    dev = pick_device(smoke)
     res.add("device", **device_row(dev))
     gpu = gpu_decode_rate([Path(it.path) for it in items], dev)
     if gpu is not None:

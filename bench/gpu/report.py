@@ -93,7 +93,7 @@ def headline(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> list[tu
     else:
         out.append(("gpu-marked tests", nm, "all pass"))
     det = [r for r in rows if r["section"] == "detector"]
-    big = max((r["batch"] for r in det), default=None)
+    big = max((r["batch"] for r in det), default=8)
     for p in ("fp32", "tf32", "bf16"):
         r = _pick(rows, "detector", precision=p, batch=big)
         out.append((f"detector {p}, batch {big}: images/s", _fmt(r["images_per_s"]) if r else nm,
