@@ -121,6 +121,9 @@ def test_report_of_a_run_stopped_at_a_cap(tmp_path: Path) -> None:
     rows = [{"section": "device", "device": "NVIDIA H200", "date": "2026-12-01 10:00 UTC", "torch": "2.11.0"},
             {"section": "detector", "precision": "bf16", "batch": 8, "images": 16, "images_per_s": 212.5,
              "ms_per_image": 4.7, "peak_gib": 9.25},
+            {"section": "detector", "precision": "fp32", "batch": 8, "error": "RuntimeError: no kernel"},
+            {"section": "trainer", "task": "valp", "micro_batch": 256, "seq": 80, "compiled": True,
+             "error": "BackendCompilerFailed: inductor"},
             {"section": "status", "part": "trainer", "rc": 124, "seconds": 150, "cap_s": 150,
              "note": "stopped at its cap"}]
     results.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"section": "trainer", "task": "va')
@@ -132,6 +135,9 @@ def test_report_of_a_run_stopped_at_a_cap(tmp_path: Path) -> None:
     assert "| gpu-marked tests | 1 passed, 1 failed, 0 skipped | all pass; failed: test_x |" in md
     assert "| detector bf16, batch 8: images/s | 212.5 | >= 100 on an H100; peak 9.250 GiB |" in md
     assert "| trainer valp seq 80: MFU | not measured | >= 45% of the datasheet bf16 peak |" in md
+    assert "| detector fp32, batch 8: images/s | not measured (error: RuntimeError: no kernel) | >= 100 on an H100 |" \
+        in md
+    assert "| trainer valp seq 80 compiled: MFU | not measured (error: BackendCompilerFailed: inductor) |" in md
     assert "| trainer | 124 | 150 | 150 | stopped at its cap |" in md
     assert "| test_x | FAILED: boom | 1.500 |" in md
 

@@ -171,16 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[Any]] = {}
     for precision in PRECISIONS if dev.type == "cuda" else ("fp32",):
         set_precision(det, precision)
-        for batch in batches:
-            reset_peak(dev)
-            n = (n_img // batch) * batch
-            dt = seconds_per_call(lambda b=batch, k=n: run(b, k), dev, iters=1, warmup=1)
-            res.add("detector", precision=precision, batch=batch, images=n, images_per_s=round(n / dt, 2),
-                    ms_per_image=round(dt / n * 1e3, 2), peak_gib=peak_gib(dev))
-        results[precision] = run(max(batches), max(batches))
+        try:
+            for batch in batches:
+                reset_peak(dev)
+                n = (n_img // batch) * batch
+                dt = seconds_per_call(lambda b=batch, k=n: run(b, k), dev, iters=1, warmup=1)
+                res.add("detector", precision=precision, batch=batch, images=n, images_per_s=round(n / dt, 2),
+                        ms_per_image=round(dt / n * 1e3, 2), peak_gib=peak_gib(dev))
+            results[precision] = run(max(batches), max(batches))
+        except Exception as e:  # noqa: BLE001  one shot on the GPU: a broken mode must not hide the others
+            res.add("detector", precision=precision, batch=batch, error=f"{type(e).__name__}: {str(e)[:200]}")
 
     big = max(batches)
-    for precision in ("bf16", "fp32") if dev.type == "cuda" else ("fp32",):
+    for precision in [p for p in (("bf16", "fp32") if dev.type == "cuda" else ("fp32",)) if p in results]:
         set_precision(det, precision)
         timer = StageTimer(det, dev)
         try:
@@ -198,14 +201,14 @@ def main(argv: list[str] | None = None) -> int:
         for stage, v in stages.items():
             res.add("detector_stages", precision=precision, batch=big, stage=stage, ms_per_image=round(v / big, 2),
                     share=round(v / total, 3))
-    precision = "bf16" if dev.type == "cuda" else "fp32"  # the kernels of the mode a build would use
+    precision = "bf16" if "bf16" in results else "fp32"  # the kernels of the mode a build would use
     set_precision(det, precision)
     with profiled(dev) as prof:
         run(big, big)
         sync(dev)
     for row in top_kernels(prof):
         res.add("detector_kernels", precision=precision, batch=big, **row)
-    if "bf16" in results:
+    if "bf16" in results and "fp32" in results:
         shares, coss = zip(*(twins(f, b) for f, b in zip(results["fp32"], results["bf16"])))
         res.add("detector_bf16_vs_fp32", images=len(shares), boxes_found_again=round(float(np.mean(shares)), 3),
                 feature_cosine=round(float(np.nanmean(coss)), 4),

@@ -152,6 +152,10 @@ def measure_steps(res: Results, section: str, model: Any, pre: Any, opt: Any, de
                 opt.zero_grad(set_to_none=True)
                 res.add(section, **row, fits=False, peak_gib=peak_gib(dev))
                 continue
+            except Exception as e:  # noqa: BLE001  one shot on the GPU: record, and go on to the next shape
+                opt.zero_grad(set_to_none=True)
+                res.add(section, **row, error=f"{type(e).__name__}: {str(e)[:200]}")
+                continue
             flops = step_flops(model, batch, pre.model.cmcl_proj.out_features)
             tflops = flops / dt / 1e12
             row.update(fits=True, samples_per_s=round(B / dt, 1), step_ms=round(dt * 1e3, 1),

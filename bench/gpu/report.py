@@ -96,8 +96,13 @@ def headline(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> list[tu
     big = max((r["batch"] for r in det), default=8)
     for p in ("fp32", "tf32", "bf16"):
         r = _pick(rows, "detector", precision=p, batch=big)
-        out.append((f"detector {p}, batch {big}: images/s", _fmt(r["images_per_s"]) if r else nm,
-                    f">= {DETECTOR_TARGET:.0f} on an H100" + (f"; peak {_fmt(r['peak_gib'])} GiB" if r else "")))
+        err = _pick(rows, "detector", precision=p, error=next((x["error"] for x in det if x.get("precision") == p
+                                                               and "error" in x), None))
+        value = _fmt(r.get("images_per_s")) if r and "error" not in r else nm
+        if err is not None and "error" in err:
+            value += f" (error: {err['error'][:80]})"
+        out.append((f"detector {p}, batch {big}: images/s", value, f">= {DETECTOR_TARGET:.0f} on an H100"
+                    + (f"; peak {_fmt(r.get('peak_gib'))} GiB" if r and "error" not in r else "")))
     r = _pick(rows, "detector_bf16_vs_fp32")
     out.append(("detector bf16 vs fp32: boxes found again / feature cosine",
                 f"{_fmt(r['boxes_found_again'])} / {_fmt(r['feature_cosine'])}" if r else nm,
@@ -118,14 +123,18 @@ def headline(rows: list[dict[str, Any]], tests: list[dict[str, Any]]) -> list[tu
             cands = [r for r in trainer if r["task"] == task and r.get("compiled") == compiled and r.get("fits")]
             r = max(cands, key=lambda r: r.get("mfu") or r.get("samples_per_s") or 0, default=None)
             name = f"trainer {task} seq {80 if task == 'valp' else 100}{' compiled' if compiled else ''}: MFU"
-            val = (f"{_fmt(r['mfu'])} at micro-batch {r['micro_batch']} ({_fmt(r['samples_per_s'])} samples/s)"
-                   if r else nm)
+            val = (f"{_fmt(r.get('mfu'))} at micro-batch {r['micro_batch']} ({_fmt(r.get('samples_per_s'))} "
+                   "samples/s)" if r else nm)
+            errors = [x["error"] for x in trainer if x["task"] == task and x.get("compiled") == compiled
+                      and "error" in x]
+            if errors:
+                val += f" (error: {errors[0][:80]})"
             out.append((name, val, f">= {MFU_TARGET:.0%} of the datasheet bf16 peak"))
         fits = [r for r in trainer if r["task"] == task and not r.get("compiled")]
         if fits:
             ok = [r for r in fits if r.get("fits")]
             largest = max(ok, key=lambda r: r["micro_batch"]) if ok else None
-            oom = sorted(r["micro_batch"] for r in fits if not r.get("fits"))
+            oom = sorted(r["micro_batch"] for r in fits if r.get("fits") is False)
             out.append((f"trainer {task}: largest micro-batch tried that fits",
                         f"{largest['micro_batch']} ({_fmt(largest['peak_gib'])} GiB)" if largest else "none",
                         f"out of memory at {oom}" if oom else "all tried sizes fit"))
