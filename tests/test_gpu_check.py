@@ -36,14 +36,18 @@ def test_dry_run_is_ready_for_a_gpu_machine(tmp_path: Path) -> None:
     assert "| trainer valp: largest micro-batch tried that fits | 64 (1.000 GiB) | out of memory at [128] |" in md
 
 
-def test_dry_run_fails_on_a_bad_wheel_folder(tmp_path: Path) -> None:
+def test_wheel_check_command_fails_on_a_bad_folder(tmp_path: Path) -> None:
     folder = tmp_path / "whl"
     folder.mkdir()
     (folder / "lmdb-2.0.0-cp312-cp312-manylinux_2_17_x86_64.whl").write_bytes(b"x")
-    res = run_script("--dry-run", tmp=tmp_path, wheels=folder)
-    assert res.returncode != 0
-    assert "lmdb-2.0.0-cp312-cp312-manylinux_2_17_x86_64.whl: version 2.0.0, wheels.txt pins 3.0.0" in res.stdout
-    assert "dry run: NOT ready" in res.stdout
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "wheels.py"), "check", "--dir", str(folder)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2
+    assert "lmdb-2.0.0-cp312-cp312-manylinux_2_17_x86_64.whl: version 2.0.0, wheels.txt pins 3.0.0" in res.stderr
+    assert "yacs==0.1.8: no wheel in" in res.stderr
+    missing = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu" / "wheels.py"), "check", "--need-folder",
+                              "--dir", str(tmp_path / "absent")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no wheel folder (run `make gpu-wheels`)" in missing.stderr
 
 
 def fake_folder(folder: Path, entries: list, skip: str = "") -> None:
