@@ -103,7 +103,7 @@ def test_selection_on_cuda_equals_cpu_exactly(seed: int, temperature: float, pre
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from vlmixer.trainer.synthetic import tiny_stores
+    from vlmixer.storage.synthetic import tiny_stores
 
     return tiny_stores(tmp_path_factory.mktemp("gpu_stores"), n_images=40, n_sentences=160, feature_dim=64)
 

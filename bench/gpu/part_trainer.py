@@ -170,10 +170,10 @@ def measure_steps(res: Results, section: str, model: Any, pre: Any, opt: Any, de
 
 def loader_rates(res: Results, dev: torch.device, smoke: bool, tmp: Path, feature_dim: int,
                  step_rate: float | None) -> None:
+    from vlmixer.storage.synthetic import tiny_stores
     from vlmixer.trainer.build import build_datasets, open_stores
     from vlmixer.trainer.data import TaskLoaders
     from vlmixer.trainer.loop import load_train_config, train
-    from vlmixer.trainer.synthetic import tiny_stores
 
     t = time.perf_counter()
     n_img, n_sent = (40, 160) if smoke else (2000, 8192)
