@@ -1,7 +1,9 @@
 """Integrity checks and summaries of stores, for `vlmixer verify` and the `info` commands.
 
 `verify_*` return a list of problems (empty = healthy) rather than raising at
-the first, so a user sees everything wrong with a store in one run.
+the first, so a user sees everything wrong with a store in one run. A full
+check reads every byte (each gallery block against its CRC-32); `quick` checks
+structure and indexes only.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 from vlmixer.errors import StoreError
 from vlmixer.files import dir_size, sha256_file
 from vlmixer.storage import gallery_format as fmt
-from vlmixer.storage.gallery import GalleryReader, unpack_record
+from vlmixer.storage.gallery import GalleryReader, block_problem, unpack_record
 from vlmixer.storage.textstore import TextStoreReader
 
 
@@ -30,7 +32,7 @@ def store_kind(path: str | Path) -> str:
     raise StoreError(f"{p}: neither a gallery (gallery.json) nor a text store (store.json)")
 
 
-def verify_gallery(root: str | Path) -> list[str]:
+def verify_gallery(root: str | Path, *, quick: bool = False) -> list[str]:
     root = Path(root)
     try:
         g = GalleryReader(root)
@@ -73,6 +75,10 @@ def verify_gallery(root: str | Path) -> list[str]:
             if fv is None or mv is None:
                 problems.append(f"part {info['name']}: block {b} missing")
                 continue
+            if not quick:
+                bad = block_problem(txn, dbs, b)
+                if bad is not None:
+                    problems.append(f"part {info['name']}: block {b}: {bad}")
             if len(fv) != rows * D * 2 or len(mv) != rows * fmt.PATCH_DTYPE.itemsize:
                 problems.append(f"part {info['name']}: block {b} has {len(fv)} feature bytes / {len(mv)} "
                                 f"record bytes, expected {rows * D * 2} / {rows * fmt.PATCH_DTYPE.itemsize}")
@@ -132,7 +138,7 @@ def verify_gallery(root: str | Path) -> list[str]:
     return problems
 
 
-def verify_text(root: str | Path) -> list[str]:
+def verify_text(root: str | Path, *, quick: bool = False) -> list[str]:
     root = Path(root)
     try:
         t = TextStoreReader(root)
@@ -153,6 +159,9 @@ def verify_text(root: str | Path) -> list[str]:
     for extra in sorted(on_disk - listed):
         problems.append(f"shards/{extra}: on disk but not in the manifest (run finalize again)")
     for k, s in enumerate(t.manifest["shards"]):
+        path = root / "shards" / s["name"]
+        if not quick and s.get("sha256") and path.is_file() and sha256_file(path) != s["sha256"]:
+            problems.append(f"shards/{s['name']}: bytes do not match the sha256 finalize recorded")
         try:
             a = t.shard_arrays(k)
         except (StoreError, OSError) as e:
@@ -197,9 +206,9 @@ def verify_text(root: str | Path) -> list[str]:
     return problems
 
 
-def verify_store(path: str | Path) -> list[str]:
+def verify_store(path: str | Path, *, quick: bool = False) -> list[str]:
     kind = store_kind(path)
-    return verify_gallery(path) if kind == "gallery" else verify_text(path)
+    return verify_gallery(path, quick=quick) if kind == "gallery" else verify_text(path, quick=quick)
 
 
 def gallery_info(root: str | Path) -> dict[str, Any]:
