@@ -1,4 +1,4 @@
-"""Gallery store benchmark: write rate, bytes per patch, random reads vs raw LMDB.
+"""Gallery store benchmark: write rate, bytes per patch, random reads vs raw LMDB, checksum cost.
 
 Builds a synthetic gallery (default 200,000 patches of 2048-d fp16, ~0.8 GB)
 through the real writer, then in one process times random single-patch reads
@@ -7,7 +7,14 @@ same bytes (zero-copy `txn.get` of the same block key plus the same 4 KiB
 slice), and concept-sampling reads (15 patches of a random concept, as CMC
 asks). Prints one figure per line.
 
-    python bench/storage.py [--patches 200000] [--dim 2048] [--out DIR] [--keep]
+Block checksums: the build is timed again with the CRC-32 replaced by a
+constant (the same puts, no checksum computed), alternating with and without
+`--repeats` times (best of each, the machine being shared); random reads are
+timed with `check_blocks=True` (first pass: every block checked once; then
+steady state); `verify` is timed in full (every block's CRC-32) and `--quick`,
+in GB of features per second.
+
+    python bench/storage.py [--patches 200000] [--dim 2048] [--repeats 2] [--out DIR] [--keep]
 """
 from __future__ import annotations
 
@@ -24,15 +31,19 @@ from vlmixer.files import dir_size
 from vlmixer.storage import gallery_format as fmt
 from vlmixer.storage.gallery import GalleryReader, finalize_gallery
 from vlmixer.storage.gallery_writer import GalleryWriter
+from vlmixer.storage.verify import verify_gallery
 from vlmixer.storage.vocab import Vocabulary
 
 
-def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int, per_shard: int) -> float:
+def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int, per_shard: int
+          ) -> tuple[float, float]:
+    """Wall and CPU seconds of writing the gallery (CPU time also counts LMDB's work in this process,
+    and is the steadier figure on a machine shared with other jobs)."""
     rng = np.random.default_rng(0)
     vocab = Vocabulary(names=tuple(f"c{i}" for i in range(n_concepts)))
     w = GalleryWriter(root, feature_dim=dim, concepts=vocab, map_size=1 << 28)
     feats = rng.standard_normal((per_image * per_shard, dim)).astype(np.float16)  # reused: rate of the store only
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     written, shard = 0, 0
     while written < n_patches:
         with w.shard(f"shard-{shard:06d}") as s:
@@ -47,7 +58,7 @@ def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int,
                 written += n
         shard += 1
     w.close()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def main() -> None:
@@ -58,13 +69,30 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=100_000)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2, help="builds with and without checksums, alternating")
     a = ap.parse_args()
     root = a.out or Path(tempfile.mkdtemp(prefix="vlmixer-bench-")) / "gallery"
     if root.exists():
         shutil.rmtree(root)
     print(f"machine: {os.cpu_count()} cpus; gallery {a.patches} patches x {a.dim}-d fp16 at {root}")
-    secs = build(root, a.patches, a.dim, a.concepts, per_image=30, per_shard=256)
-    print(f"write: {a.patches / secs:,.0f} patches/s ({secs:.1f} s)")
+    with_sums, without = [], []
+    crc = fmt.block_sums
+    for _ in range(max(1, a.repeats)):
+        plain = root.with_name(root.name + "-nosums")
+        fmt.block_sums = lambda f, r: b"\0" * 8  # the same puts, no CRC computed
+        try:
+            without.append(build(plain, a.patches, a.dim, a.concepts, per_image=30, per_shard=256))
+        finally:
+            fmt.block_sums = crc
+        shutil.rmtree(plain)
+        if root.exists():
+            shutil.rmtree(root)
+        with_sums.append(build(root, a.patches, a.dim, a.concepts, per_image=30, per_shard=256))
+    (secs, cpu), (base, base_cpu) = min(with_sums), min(without)
+    print(f"write: {a.patches / secs:,.0f} patches/s ({secs:.1f} s wall, {cpu:.1f} s cpu) with block CRC-32; "
+          f"without {a.patches / base:,.0f} patches/s ({base:.1f} s wall, {base_cpu:.1f} s cpu); checksum cost "
+          f"{100 * (secs / base - 1):+.1f}% wall, {100 * (cpu / base_cpu - 1):+.1f}% cpu "
+          f"(best of {len(with_sums)}; target within 10%)")
     t0 = time.perf_counter()
     finalize_gallery(root)
     print(f"finalize (index): {time.perf_counter() - t0:.1f} s")
@@ -100,6 +128,19 @@ def main() -> None:
     print(f"random single-patch reads: reader {r_reader:,.0f}/s, raw lmdb txn.get {r_raw:,.0f}/s, "
           f"ratio {r_reader / r_raw:.2f}x (target >= 0.7x)")
 
+    gc = GalleryReader(root, check_blocks=True)
+    t = time.perf_counter()
+    for pid in pids:
+        gc.feature(int(pid))
+    first = a.reads / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for pid in pids:
+        gc.feature(int(pid))
+    steady = a.reads / (time.perf_counter() - t)
+    print(f"reads with check_blocks=True: first pass {first:,.0f}/s (checks {len(gc._open()['checked'])} blocks "
+          f"once), then {steady:,.0f}/s = {steady / r_reader:.2f}x the unchecked reader")
+    gc.close()
+
     counts = g.concept_counts()
     nonempty = np.flatnonzero(counts)
     t = time.perf_counter()
@@ -113,6 +154,15 @@ def main() -> None:
     dt = time.perf_counter() - t
     print(f"concept sampling: {n_samples / dt:,.0f} concepts/s (15 patches each: {15 * n_samples / dt:,.0f} patch reads/s)")
     g.close()
+
+    feat_gb = a.patches * a.dim * 2 / 1e9
+    for quick in (False, True):
+        t, c = time.perf_counter(), time.process_time()
+        problems = verify_gallery(root, quick=quick)
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        print(f"verify{' --quick' if quick else ''}: {dt:.2f} s wall, {dc:.2f} s cpu: {feat_gb / dt:.2f} GB/s of "
+              f"features wall, {feat_gb / dc:.2f} GB/s cpu{'' if quick else ' (target >= 1 GB/s)'}, "
+              f"{len(problems)} problems")
     if not a.keep and a.out is None:
         shutil.rmtree(root.parent)
 

@@ -83,8 +83,9 @@ def verify_gallery(root: str | Path, *, quick: bool = False) -> list[str]:
                 problems.append(f"part {info['name']}: block {b} has {len(fv)} feature bytes / {len(mv)} "
                                 f"record bytes, expected {rows * D * 2} / {rows * fmt.PATCH_DTYPE.itemsize}")
                 continue
-            feats = np.frombuffer(fv, dtype=fmt.FEATURE_DTYPE)
-            if not np.all(np.isfinite(feats)):
+            # an fp16 value is inf or nan when its exponent bits are all ones: an integer test on the
+            # raw bits runs ~5x faster than np.isfinite on float16 here, and verify reads every block
+            if np.any((np.frombuffer(fv, dtype="<u2") & 0x7C00) == 0x7C00):
                 problems.append(f"part {info['name']}: block {b} has non-finite features")
             rec = np.frombuffer(mv, dtype=fmt.PATCH_DTYPE)
             g0 = info["patch_offset"] + b * fmt.BLOCK
@@ -94,6 +95,7 @@ def verify_gallery(root: str | Path, *, quick: bool = False) -> list[str]:
             if np.any((rec["concept"] < 0) | (rec["concept"] >= n_c)):
                 problems.append(f"part {info['name']}: block {b} has concept ids outside [0, {n_c})")
         start_expect = 0
+        names, firsts, counts = [], [], []
         for li in range(ni):
             v = txn.get(fmt.ukey(li), db=dbs[b"image"])
             if v is None:
@@ -111,12 +113,14 @@ def verify_gallery(root: str | Path, *, quick: bool = False) -> list[str]:
             if d["key"] in keys:
                 problems.append(f"image key {d['key']!r} appears twice")
             keys.add(d["key"])
-            gs = info["patch_offset"] + d["start"]
-            confs = p_conf[gs: gs + d["count"]]
-            if np.any(np.diff(confs) > 0):
-                problems.append(f"image {d['key']!r}: patches not sorted by confidence")
-            if np.any(p_image[gs: gs + d["count"]] != info["image_offset"] + li):
-                problems.append(f"image {d['key']!r}: index/patch_image disagrees with the image record")
+            names.append(d["key"])
+            firsts.append(d["start"])
+            counts.append(d["count"])
+        if len(names) == ni and start_expect == npch:  # contiguous: check every image at once
+            problems += _image_order_problems(names, np.asarray(firsts, np.int64), np.asarray(counts, np.int64),
+                                              p_conf[info["patch_offset"]: info["patch_offset"] + npch],
+                                              p_image[info["patch_offset"]: info["patch_offset"] + npch],
+                                              info["image_offset"])
         if start_expect != npch:
             problems.append(f"part {info['name']}: images cover {start_expect} patches of {npch}")
         seen_patches += npch
@@ -136,6 +140,22 @@ def verify_gallery(root: str | Path, *, quick: bool = False) -> list[str]:
             problems.append("index/concept_confs disagrees with patch confidences")
     g.close()
     return problems
+
+
+def _image_order_problems(keys: list[str], starts: np.ndarray, counts: np.ndarray, conf: np.ndarray,
+                          image: np.ndarray, image_offset: int) -> list[str]:
+    """Each image's patches sorted by confidence and owned by it in index/patch_image, for a whole
+    part in a few array operations (a loop over images cost more than reading their features)."""
+    out = []
+    is_start = np.zeros(len(conf), dtype=bool)
+    is_start[starts[counts > 0]] = True
+    rises = np.flatnonzero((conf[1:] > conf[:-1]) & ~is_start[1:]) + 1
+    owner = np.repeat(np.arange(len(keys)), counts)
+    for i in np.unique(owner[rises]):
+        out.append(f"image {keys[i]!r}: patches not sorted by confidence")
+    for i in np.unique(owner[image != image_offset + owner]):
+        out.append(f"image {keys[i]!r}: index/patch_image disagrees with the image record")
+    return out
 
 
 def verify_text(root: str | Path, *, quick: bool = False) -> list[str]:

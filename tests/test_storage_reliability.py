@@ -327,3 +327,33 @@ def test_a_corrupt_gzip_chunk_is_one_line_in_text_dump(tmp_path: Path, tiny_voca
     with pytest.raises(StoreError, match="cannot read text of sentence 0"):
         TextStoreReader(root).text(0)
     assert any("a.h5" in p for p in verify_text(root))
+
+
+def test_a_feature_turned_inf_is_reported_as_non_finite_and_by_its_checksum(tmp_path: Path) -> None:
+    root = one_shard_gallery(tmp_path / "g")
+    want = all_features(root)
+    data = bytearray((root / PART0).read_bytes())
+    at = data.index(want[:3].tobytes()) + 2 * (2 * DIM + 5)  # patch 2, value 5
+    data[at: at + 2] = np.array([np.inf], np.float16).tobytes()
+    (root / PART0).write_bytes(bytes(data))
+    assert verify_gallery(root) == ["part part-00000: block 0: feature bytes do not match their CRC-32",
+                                    "part part-00000: block 0 has non-finite features"]
+    assert verify_gallery(root, quick=True) == ["part part-00000: block 0 has non-finite features"]
+
+
+def test_verify_finds_unsorted_patches_and_a_wrong_patch_image(tmp_path: Path) -> None:
+    root = one_shard_gallery(tmp_path / "g")
+    g = GalleryReader(root)
+    big = next(i for i in range(g.num_images) if g.image(i).patch_count >= 2)
+    rec, key = g.image(big), g.image(big).key
+    g.close()
+    conf = np.load(root / "index" / "patch_conf.npy")
+    conf[rec.patch_start + 1] = conf[rec.patch_start] + 0.01
+    np.save(root / "index" / "patch_conf.npy", conf)
+    image = np.load(root / "index" / "patch_image.npy")
+    image[rec.patch_start] = big + 1
+    np.save(root / "index" / "patch_image.npy", image)
+    problems = verify_gallery(root)
+    assert f"image {key!r}: patches not sorted by confidence" in problems
+    assert f"image {key!r}: index/patch_image disagrees with the image record" in problems
+    assert sum("not sorted" in p or "patch_image disagrees" in p for p in problems) == 2
