@@ -376,11 +376,11 @@ def open_failures(root: str | Path) -> list[dict[str, str]]:
     for p in list_parts(Path(root)):
         env = open_part_readonly(p)
         try:
+            failed, imgkey = env.open_db(b"failed", create=False), env.open_db(b"imgkey", create=False)
             with env.begin() as txn:
-                for k, v in txn.cursor(db=env.open_db(b"failed", create=False, txn=txn)):
+                for k, v in txn.cursor(db=failed):
                     rows.append({"key": bytes(k).decode(), **msgpack.unpackb(bytes(v)), "part": p.name})
-                held.update(bytes(k) for k in txn.cursor(db=env.open_db(b"imgkey", create=False, txn=txn))
-                            .iternext(values=False))
+                held.update(bytes(k) for k in txn.cursor(db=imgkey).iternext(values=False))
         finally:
             release_env(env)
     return sorted((r for r in rows if r["key"].encode("utf-8") not in held), key=lambda r: r["key"])
