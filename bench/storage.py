@@ -1,4 +1,4 @@
-"""Gallery store benchmark: write rate, bytes per patch, random reads vs raw LMDB.
+"""Gallery store benchmark: write rate, bytes per patch, random reads vs raw LMDB, checksum cost.
 
 Builds a synthetic gallery (default 200,000 patches of 2048-d fp16, ~0.8 GB)
 through the real writer, then in one process times random single-patch reads
@@ -6,6 +6,15 @@ through `GalleryReader.feature` against the best raw `lmdb` access to the
 same bytes (zero-copy `txn.get` of the same block key plus the same 4 KiB
 slice), and concept-sampling reads (15 patches of a random concept, as CMC
 asks). Prints one figure per line.
+
+Block checksums: every shard is also committed to a twin gallery whose
+CRC-32 is replaced by a constant (the same puts, no checksum computed), the
+two commits back to back in alternating order, so load from other jobs on a
+shared machine falls on both alike; the time inside the CRC-32 itself is
+reported too. Random reads are
+timed with `check_blocks=True` (first pass: every block checked once; then
+steady state); `verify` is timed in full (every block's CRC-32) and `--quick`,
+in GB of features per second.
 
     python bench/storage.py [--patches 200000] [--dim 2048] [--out DIR] [--keep]
 """
@@ -23,31 +32,61 @@ import numpy as np
 from vlmixer.files import dir_size
 from vlmixer.storage import gallery_format as fmt
 from vlmixer.storage.gallery import GalleryReader, finalize_gallery
-from vlmixer.storage.gallery_writer import GalleryWriter
+from vlmixer.storage.gallery_writer import GalleryWriter, ShardBuffer
+from vlmixer.storage.verify import verify_gallery
 from vlmixer.storage.vocab import Vocabulary
 
 
-def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int, per_shard: int) -> float:
+def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int, per_shard: int
+          ) -> dict[str, float]:
+    """Write the gallery at `root` and, shard by shard, the same shards into a twin at `root-nosums`
+    whose checksum is a constant (the same puts, no CRC-32 computed). The two commits of a shard
+    run back to back, in alternating order, so a machine shared with other jobs slows both alike.
+    Returns seconds: `total` (filling shards + committing, with checksums), `commit`, `commit_nosums`,
+    and `crc` (inside the CRC-32 itself)."""
     rng = np.random.default_rng(0)
     vocab = Vocabulary(names=tuple(f"c{i}" for i in range(n_concepts)))
-    w = GalleryWriter(root, feature_dim=dim, concepts=vocab, map_size=1 << 28)
+    twin = root.with_name(root.name + "-nosums")
+    writers = {"commit": GalleryWriter(root, feature_dim=dim, concepts=vocab, map_size=1 << 28),
+               "commit_nosums": GalleryWriter(twin, feature_dim=dim, concepts=vocab, map_size=1 << 28)}
     feats = rng.standard_normal((per_image * per_shard, dim)).astype(np.float16)  # reused: rate of the store only
-    t0 = time.perf_counter()
+    crc = fmt.block_sums
+    spent = dict.fromkeys(("commit", "commit_nosums", "crc", "fill"), 0.0)
+
+    def timed_crc(f: bytes, r: bytes) -> bytes:
+        t = time.perf_counter()
+        out = crc(f, r)
+        spent["crc"] += time.perf_counter() - t
+        return out
+
+    sums = {"commit": timed_crc, "commit_nosums": lambda f, r: b"\0" * 8}
     written, shard = 0, 0
-    while written < n_patches:
-        with w.shard(f"shard-{shard:06d}") as s:
+    try:
+        while written < n_patches:
+            t = time.perf_counter()
+            buf = ShardBuffer(shard_id=f"shard-{shard:06d}", feature_dim=dim)
             for i in range(per_shard):
                 n = min(per_image, n_patches - written)
                 if n <= 0:
                     break
                 boxes = np.tile(np.array([[0, 0, 10, 10]], np.float32), (n, 1))
-                s.add_image(f"img-{shard}-{i}", f"/x/{shard}/{i}.jpg", 640, 480, boxes,
-                            feats[i * per_image: i * per_image + n], rng.integers(0, n_concepts, n),
-                            rng.uniform(0.2, 1, n).astype(np.float32))
+                buf.add_image(f"img-{shard}-{i}", f"/x/{shard}/{i}.jpg", 640, 480, boxes,
+                              feats[i * per_image: i * per_image + n], rng.integers(0, n_concepts, n),
+                              rng.uniform(0.2, 1, n).astype(np.float32))
                 written += n
-        shard += 1
-    w.close()
-    return time.perf_counter() - t0
+            spent["fill"] += time.perf_counter() - t
+            for name in (("commit", "commit_nosums") if shard % 2 == 0 else ("commit_nosums", "commit")):
+                fmt.block_sums = sums[name]
+                t = time.perf_counter()
+                writers[name].commit(buf)
+                spent[name] += time.perf_counter() - t
+            shard += 1
+    finally:
+        fmt.block_sums = crc
+        for w in writers.values():
+            w.close()
+    shutil.rmtree(twin)
+    return {**spent, "total": spent["fill"] + spent["commit"]}
 
 
 def main() -> None:
@@ -63,8 +102,13 @@ def main() -> None:
     if root.exists():
         shutil.rmtree(root)
     print(f"machine: {os.cpu_count()} cpus; gallery {a.patches} patches x {a.dim}-d fp16 at {root}")
-    secs = build(root, a.patches, a.dim, a.concepts, per_image=30, per_shard=256)
-    print(f"write: {a.patches / secs:,.0f} patches/s ({secs:.1f} s)")
+    sec = build(root, a.patches, a.dim, a.concepts, per_image=30, per_shard=256)
+    print(f"write: {a.patches / sec['total']:,.0f} patches/s ({sec['total']:.1f} s, of which commits "
+          f"{sec['commit']:.1f} s)")
+    print(f"block checksums on write: commits {sec['commit']:.2f} s with CRC-32 vs {sec['commit_nosums']:.2f} s "
+          f"without (same shards, interleaved): {100 * (sec['commit'] / sec['commit_nosums'] - 1):+.1f}%; time "
+          f"inside the CRC-32 itself {sec['crc']:.2f} s = {100 * sec['crc'] / sec['total']:.1f}% of the write "
+          "(target within 10%)")
     t0 = time.perf_counter()
     finalize_gallery(root)
     print(f"finalize (index): {time.perf_counter() - t0:.1f} s")
@@ -100,6 +144,19 @@ def main() -> None:
     print(f"random single-patch reads: reader {r_reader:,.0f}/s, raw lmdb txn.get {r_raw:,.0f}/s, "
           f"ratio {r_reader / r_raw:.2f}x (target >= 0.7x)")
 
+    gc = GalleryReader(root, check_blocks=True)
+    t = time.perf_counter()
+    for pid in pids:
+        gc.feature(int(pid))
+    first = a.reads / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for pid in pids:
+        gc.feature(int(pid))
+    steady = a.reads / (time.perf_counter() - t)
+    print(f"reads with check_blocks=True: first pass {first:,.0f}/s (checks {len(gc._open()['checked'])} blocks "
+          f"once), then {steady:,.0f}/s = {steady / r_reader:.2f}x the unchecked reader")
+    gc.close()
+
     counts = g.concept_counts()
     nonempty = np.flatnonzero(counts)
     t = time.perf_counter()
@@ -113,6 +170,15 @@ def main() -> None:
     dt = time.perf_counter() - t
     print(f"concept sampling: {n_samples / dt:,.0f} concepts/s (15 patches each: {15 * n_samples / dt:,.0f} patch reads/s)")
     g.close()
+
+    feat_gb = a.patches * a.dim * 2 / 1e9
+    for quick in (False, True):
+        t, c = time.perf_counter(), time.process_time()
+        problems = verify_gallery(root, quick=quick)
+        dt, dc = time.perf_counter() - t, time.process_time() - c
+        print(f"verify{' --quick' if quick else ''}: {dt:.2f} s wall, {dc:.2f} s cpu: {feat_gb / dt:.2f} GB/s of "
+              f"features wall, {feat_gb / dc:.2f} GB/s cpu{'' if quick else ' (target >= 1 GB/s)'}, "
+              f"{len(problems)} problems")
     if not a.keep and a.out is None:
         shutil.rmtree(root.parent)
 

@@ -8,14 +8,21 @@ to a DataLoader and every worker gets its own LMDB handles (readonly,
 lock=False, readahead=False). Per-patch scalars and the indexes the trainer
 samples from are memory-mapped `.npy` files: many workers share them through
 the page cache and nothing loads all features.
+
+A reader reads the generation of the gallery its manifest names: the parts it
+lists are never written again (see gallery_writer), and what a later append
+adds is seen after reopening. `check_blocks=True` checks each feature and
+record block against its stored CRC-32 the first time this process reads it.
 """
 from __future__ import annotations
 
 import bisect
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import numpy as np
 
 from vlmixer.errors import StoreError
@@ -54,11 +61,29 @@ class Patch:
     image: int  # global image index
 
 
+def block_problem(txn: lmdb.Transaction, dbs: dict[bytes, Any], block: int) -> str | None:
+    """What is wrong with a block's checksums (None: both match), given a part's read transaction."""
+    key = fmt.ukey(block)
+    fv, mv, sv = (txn.get(key, db=dbs[n]) for n in (b"feat", b"pmeta", b"sums"))
+    if fv is None or mv is None:
+        return "block missing"
+    if sv is None or len(sv) != 8:
+        return "block checksum missing"
+    f_sum, m_sum = fmt.unpack_sums(sv)
+    if zlib.crc32(fv) != f_sum:
+        return "feature bytes do not match their CRC-32"
+    if zlib.crc32(mv) != m_sum:
+        return "patch records do not match their CRC-32"
+    return None
+
+
 class GalleryReader:
     """Random access to a finished gallery by patch id, image or concept. Fork-safe."""
 
-    def __init__(self, root: str | Path, *, expect_concepts_sha256: str | None = None) -> None:
+    def __init__(self, root: str | Path, *, expect_concepts_sha256: str | None = None,
+                 check_blocks: bool = False) -> None:
         self.root = Path(root)
+        self.check_blocks = bool(check_blocks)
         if not self.root.is_dir():
             raise StoreError(f"{self.root}: gallery directory does not exist")
         self.manifest = read_json_object(self.root / "manifest.json", "gallery manifest (was the build finished?)")
@@ -111,6 +136,10 @@ class GalleryReader:
                 state[name] = np.load(f, mmap_mode="r", allow_pickle=False)
             except ValueError as e:
                 raise StoreError(f"{f}: unreadable index array ({e})") from None
+        if len(state["patch_concept"]) != self.num_patches or len(state["image_patch_start"]) != self.num_images + 1:
+            raise StoreError(f"{idx}: indexes {len(state['patch_concept'])} patches, the manifest this reader "
+                             f"opened {self.num_patches}: the gallery was finalized again since; reopen it")
+        state["checked"] = set()
         self._state, self._pid = state, PID[0]
         return state
 
@@ -140,6 +169,17 @@ class GalleryReader:
             raise StoreError(f"{self.root}: part {self._parts[part]['name']} has no {db.decode()} block {block}")
         return v
 
+    def check_block(self, part: int, block: int) -> None:
+        """Compare a block's features and records with their stored CRC-32s (once per process)."""
+        st = self._open()
+        if (part, block) in st["checked"]:
+            return
+        problem = block_problem(st["txns"][part], st["dbs"][part], block)
+        if problem is not None:
+            raise StoreError(f"{self.root}: part {self._parts[part]['name']} block {block}: {problem}; "
+                             "the store is damaged (`vlmixer verify` lists every bad block)")
+        st["checked"].add((part, block))
+
     # -- patches -------------------------------------------------------------------
     def feature(self, pid: int) -> np.ndarray:
         """The (D,) float16 feature of one patch (a copy). The trainer's hot path: kept lean."""
@@ -157,6 +197,8 @@ class GalleryReader:
         buf = txn.get(fmt.ukey(block), db=db)
         if buf is None:
             raise StoreError(f"{self.root}: part {self._parts[part]['name']} has no feat block {block}")
+        if self.check_blocks:
+            self.check_block(part, block)
         D = self.feature_dim
         return np.frombuffer(buf, dtype=fmt.FEATURE_DTYPE, count=D, offset=row * D * 2).copy()
 
@@ -173,6 +215,8 @@ class GalleryReader:
         part, local = self._locate(int(pid))
         block, row = divmod(local, fmt.BLOCK)
         buf = self._block(part, b"pmeta", block)
+        if self.check_blocks:
+            self.check_block(part, block)
         return np.frombuffer(buf, dtype=fmt.PATCH_DTYPE, count=1, offset=row * fmt.PATCH_DTYPE.itemsize)[0].copy()
 
     def patch(self, pid: int) -> Patch:

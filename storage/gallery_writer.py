@@ -5,9 +5,20 @@ and written in a single write transaction whose last record is the shard's
 commit marker, so a killed writer leaves either the whole shard or nothing,
 and resume is "skip every shard that has a marker". A full map is not fatal:
 the transaction is aborted, the map doubled and the shard written again.
+
+Readers and writers. Readers map parts read-only without LMDB's lock table
+(`lock=False`), so a writer cannot see them and would reuse pages they still
+read. The protocol keeps the two apart instead: a part listed in
+`manifest.json` is finalized and never written again; whatever is added
+later (a `--retry-failed` pass, another source) goes into the next part, and
+readers see it only when they reopen after the next finalize. One process at
+a time writes a gallery: it holds `build.lock` (see `write_lock`) from its
+first write through finalize, and a second writer is refused naming the
+first.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,10 +32,12 @@ import numpy as np
 from vlmixer.errors import StoreError
 from vlmixer.files import atomic_write_json
 from vlmixer.storage import gallery_format as fmt
-from vlmixer.storage import headers
+from vlmixer.storage import headers, write_lock
 from vlmixer.storage.headers import read_json_object
 from vlmixer.storage.lmdb_env import open_env, release_env
 from vlmixer.storage.vocab import Vocabulary
+
+LOCK_FILE = "build.lock"
 
 
 @dataclass
@@ -121,24 +134,48 @@ class ShardBuffer:
 class GalleryWriter:
     """Writes shards into one part (`parts/part-NNNNN`) of a gallery.
 
-    Several writers (one per part) may run at once, in different processes;
-    each part has exactly one writer. The build header `gallery.json` is
-    created by the first writer and must match for every later one, so a
-    resumed build cannot silently change vocabulary or feature size.
+    `part=None` is the first part not yet finalized (part 0 of a new gallery, the
+    next one of a finished gallery): a finalized part may be mapped by readers and
+    is refused. The writer holds the gallery's `build.lock` until `close`, unless
+    `lock_held_by_driver` says the process steering it (a Ray job's driver, whose
+    writer runs in an actor) holds it for the whole run. Several writers of
+    different parts may run under one driver. The build header `gallery.json` is
+    created by the first writer and must match for every later one, so a resumed
+    build cannot silently change vocabulary or feature size.
     """
 
     def __init__(
         self,
         root: str | Path,
         *,
-        part: int = 0,
+        part: int | None = None,
         feature_dim: int,
         concepts: Vocabulary,
         attributes: Vocabulary | None = None,
         provenance: Mapping[str, Any] | None = None,
         map_size: int = 1 << 30,
+        lock_held_by_driver: bool = False,
     ) -> None:
         self.root = Path(root)
+        self._locked = not lock_held_by_driver
+        if self._locked:
+            acquire_build_lock(self.root)
+        try:
+            self._open(part, feature_dim, concepts, attributes, provenance, map_size)
+        except BaseException:
+            if self._locked:
+                release_build_lock(self.root)
+            raise
+
+    def _open(self, part: int | None, feature_dim: int, concepts: Vocabulary, attributes: Vocabulary | None,
+              provenance: Mapping[str, Any] | None, map_size: int) -> None:
+        sealed = sealed_parts(self.root)
+        if part is None:
+            part = writable_part(self.root)
+        elif fmt.part_name(part) in sealed:
+            raise StoreError(f"{self.root}: part {fmt.part_name(part)} is finalized (listed in manifest.json) "
+                             f"and may be mapped by readers; write part {writable_part(self.root)} instead "
+                             "(GalleryWriter(part=None) picks it)")
         self.part = part
         self.feature_dim = int(feature_dim)
         header = {
@@ -236,10 +273,15 @@ class GalleryWriter:
                 rbytes = bytes(old_r) + rbytes
             txn.put(fmt.ukey(block), fbytes, db=self.dbs[b"feat"])
             txn.put(fmt.ukey(block), rbytes, db=self.dbs[b"pmeta"])
+            txn.put(fmt.ukey(block), fmt.block_sums(fbytes, rbytes), db=self.dbs[b"sums"])
             pos += take
 
     def close(self) -> None:
-        release_env(self.env)
+        if self.env is not None:
+            release_env(self.env)
+            self.env = None
+            if self._locked:
+                release_build_lock(self.root)
 
     def __enter__(self) -> GalleryWriter:
         return self
@@ -268,6 +310,35 @@ def check_format(meta: Mapping[str, Any], path: Path) -> None:
                        remedy="rebuild the gallery")
 
 
+def acquire_build_lock(root: str | Path) -> None:
+    """Become the one process writing the gallery at `root` (re-entrant within a process)."""
+    write_lock.acquire(Path(root) / LOCK_FILE, f"gallery {root}")
+
+
+def release_build_lock(root: str | Path) -> None:
+    write_lock.release(Path(root) / LOCK_FILE)
+
+
+def build_lock(root: str | Path) -> contextlib.AbstractContextManager[None]:
+    """Hold the gallery's write lock over a whole build (writers, then finalize)."""
+    return write_lock.held(Path(root) / LOCK_FILE, f"gallery {root}")
+
+
+def sealed_parts(root: str | Path) -> set[str]:
+    """Names of the parts the current manifest lists: finalized, never written again."""
+    path = Path(root) / "manifest.json"
+    if not path.exists():
+        return set()
+    manifest = read_json_object(path, "gallery manifest")
+    return {str(p.get("name")) for p in manifest.get("parts", []) if isinstance(p, dict)}
+
+
+def writable_part(root: str | Path) -> int:
+    """The part an append writes: the one after the last finalized part (resumed if it exists)."""
+    sealed = [int(n.split("-", 1)[1]) for n in sealed_parts(root) if n.startswith("part-")]
+    return max(sealed) + 1 if sealed else 0
+
+
 def open_part_readonly(path: Path) -> lmdb.Environment:
     """A shared read handle (or this process's writer handle); give it back with `release_env`."""
     return open_env(path, write=False)
@@ -292,3 +363,24 @@ def committed_shards(root: str | Path) -> dict[str, dict[str, Any]]:
         finally:
             release_env(env)
     return out
+
+
+def open_failures(root: str | Path) -> list[dict[str, str]]:
+    """Images recorded as failed (key, path, reason, shard, part) that no part holds since.
+
+    A retry writes into the first unfinalized part, so a failure recorded in a
+    finalized part stays there after the image succeeds elsewhere: that is not open.
+    Needs no manifest (a build in progress asks)."""
+    rows: list[dict[str, str]] = []
+    held: set[bytes] = set()
+    for p in list_parts(Path(root)):
+        env = open_part_readonly(p)
+        try:
+            failed, imgkey = env.open_db(b"failed", create=False), env.open_db(b"imgkey", create=False)
+            with env.begin() as txn:
+                for k, v in txn.cursor(db=failed):
+                    rows.append({"key": bytes(k).decode(), **msgpack.unpackb(bytes(v)), "part": p.name})
+                held.update(bytes(k) for k in txn.cursor(db=imgkey).iternext(values=False))
+        finally:
+            release_env(env)
+    return sorted((r for r in rows if r["key"].encode("utf-8") not in held), key=lambda r: r["key"])

@@ -4,7 +4,8 @@
       store.json              build header: format, version, concept vocabulary, tokenizer, provenance
       vocab.txt               the word-piece vocabulary the token ids index (copied at build start)
       shards/NAME.h5          one file per shard, written as NAME.h5.tmp and renamed when complete
-      manifest.json           written last by finalize: shards in order with their sentence counts
+      manifest.json           written last by finalize: shards in name order with their sentence
+                              counts, offsets and sha256 (what `verify` checks the files against)
 
 Each shard file holds ragged arrays as flat data + offsets (n+1, int64),
 chunked and compressed:
@@ -196,7 +197,8 @@ def finalize_text_store(root: str | Path, extra: Mapping[str, Any] | None = None
             n = int(f.attrs["sentences"])
             k = int(f["spans"].shape[0])
             stats = json.loads(f.attrs.get("stats", "{}"))
-        shards.append({"name": p.name, "sentences": n, "spans": k, "offset": total, "stats": stats})
+        shards.append({"name": p.name, "sentences": n, "spans": k, "offset": total, "sha256": sha256_file(p),
+                       "stats": stats})
         total += n
         spans_total += k
     for tmp in (root / "shards").glob("*.tmp"):
@@ -213,6 +215,29 @@ def finalize_text_store(root: str | Path, extra: Mapping[str, Any] | None = None
     }
     atomic_write_json(root / "manifest.json", manifest)
     return manifest
+
+
+def check_shard_list(shards: Sequence[Mapping[str, Any]], total: int, where: Path) -> None:
+    """A manifest's shard list as finalize writes it: names ascending, offsets the running sum of counts.
+
+    Two swapped entries would otherwise send sentence lookups to the wrong file."""
+    off = 0
+    for k, s in enumerate(shards):
+        name, n = s.get("name"), s.get("sentences")
+        if not isinstance(n, int) or n < 0 or s.get("offset") != off:
+            raise StoreError(f"{where}: shard entry {k} ({name}) has offset {s.get('offset')!r} and "
+                             f"{n!r} sentences, expected offset {off} (entries reordered or edited)")
+        if k and not str(shards[k - 1].get("name")) < str(name):
+            raise StoreError(f"{where}: shard entries out of name order at {k} ({name}) "
+                             "(entries reordered or edited)")
+        off += n
+    if off != total:
+        raise StoreError(f"{where}: shards hold {off} sentences, the manifest says {total}")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 class _ShardCache:
@@ -250,6 +275,7 @@ class TextStoreReader:
         self.num_sentences = int(self.manifest["sentences"])
         self._shards = self.manifest["shards"]
         self._offsets = np.array([s["offset"] for s in self._shards] + [self.num_sentences], np.int64)
+        check_shard_list(self._shards, self.num_sentences, self.root / "manifest.json")
         self._pid = -1
         self._files: dict[int, _ShardCache] = {}
 
@@ -277,9 +303,16 @@ class TextStoreReader:
                 raise StoreError(f"{path}: shard listed in the manifest is missing")
             try:
                 f = h5py.File(path, "r")
-            except OSError as e:
-                raise StoreError(f"{path}: cannot open text store shard ({e})") from None
-            c = self._files[k] = _ShardCache(f)
+                c = _ShardCache(f)
+                n = int(f.attrs["sentences"])
+            except (OSError, KeyError, ValueError) as e:
+                raise StoreError(f"{path}: cannot read text store shard ({_first_line(e)})") from None
+            want = self._shards[k]["sentences"]
+            if n != want or len(c.off["text_offsets"]) != n + 1:
+                f.close()
+                raise StoreError(f"{path}: holds {n} sentences, manifest.json lists {want} for it "
+                                 "(manifest edited or shards swapped); run `vlmixer verify`")
+            self._files[k] = c
         return c
 
     def _locate(self, index: int) -> tuple[_ShardCache, int]:
@@ -291,7 +324,11 @@ class TextStoreReader:
     @staticmethod
     def _slice(c: _ShardCache, data: str, offsets: str, i: int) -> np.ndarray:
         o = c.off[offsets]
-        return c.f[data][int(o[i]): int(o[i + 1])]
+        try:
+            return c.f[data][int(o[i]): int(o[i + 1])]
+        except (OSError, KeyError) as e:  # a damaged gzip chunk, a missing dataset
+            raise StoreError(f"{c.f.filename}: cannot read {data} of sentence {i} ({_first_line(e)}); "
+                             "the shard is damaged") from None
 
     def tokens(self, index: int) -> np.ndarray:
         c, i = self._locate(index)
@@ -322,7 +359,14 @@ class TextStoreReader:
     def shard_arrays(self, k: int) -> dict[str, np.ndarray]:
         """All arrays of shard k in memory: for bulk readers (trainer caches, verify, dump)."""
         c = self._shard(k)
-        return {name: c.f[name][()] for name in c.f.keys()}
+        out = {}
+        for name in c.f.keys():
+            try:
+                out[name] = c.f[name][()]
+            except (OSError, KeyError) as e:  # a damaged gzip chunk, a missing dataset
+                raise StoreError(f"{c.f.filename}: cannot read {name} ({_first_line(e)}); "
+                                 "the shard is damaged") from None
+        return out
 
     @property
     def num_shards(self) -> int:

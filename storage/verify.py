@@ -1,7 +1,9 @@
 """Integrity checks and summaries of stores, for `vlmixer verify` and the `info` commands.
 
 `verify_*` return a list of problems (empty = healthy) rather than raising at
-the first, so a user sees everything wrong with a store in one run.
+the first, so a user sees everything wrong with a store in one run. A full
+check reads every byte (each gallery block against its CRC-32); `quick` checks
+structure and indexes only.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import numpy as np
 from vlmixer.errors import StoreError
 from vlmixer.files import dir_size, sha256_file
 from vlmixer.storage import gallery_format as fmt
-from vlmixer.storage.gallery import GalleryReader, unpack_record
+from vlmixer.storage.gallery import GalleryReader, block_problem, unpack_record
 from vlmixer.storage.textstore import TextStoreReader
 
 
@@ -30,7 +32,7 @@ def store_kind(path: str | Path) -> str:
     raise StoreError(f"{p}: neither a gallery (gallery.json) nor a text store (store.json)")
 
 
-def verify_gallery(root: str | Path) -> list[str]:
+def verify_gallery(root: str | Path, *, quick: bool = False) -> list[str]:
     root = Path(root)
     try:
         g = GalleryReader(root)
@@ -73,12 +75,17 @@ def verify_gallery(root: str | Path) -> list[str]:
             if fv is None or mv is None:
                 problems.append(f"part {info['name']}: block {b} missing")
                 continue
+            if not quick:
+                bad = block_problem(txn, dbs, b)
+                if bad is not None:
+                    problems.append(f"part {info['name']}: block {b}: {bad}")
             if len(fv) != rows * D * 2 or len(mv) != rows * fmt.PATCH_DTYPE.itemsize:
                 problems.append(f"part {info['name']}: block {b} has {len(fv)} feature bytes / {len(mv)} "
                                 f"record bytes, expected {rows * D * 2} / {rows * fmt.PATCH_DTYPE.itemsize}")
                 continue
-            feats = np.frombuffer(fv, dtype=fmt.FEATURE_DTYPE)
-            if not np.all(np.isfinite(feats)):
+            # an fp16 value is inf or nan when its exponent bits are all ones: an integer test on the
+            # raw bits runs ~5x faster than np.isfinite on float16 here, and verify reads every block
+            if np.any((np.frombuffer(fv, dtype="<u2") & 0x7C00) == 0x7C00):
                 problems.append(f"part {info['name']}: block {b} has non-finite features")
             rec = np.frombuffer(mv, dtype=fmt.PATCH_DTYPE)
             g0 = info["patch_offset"] + b * fmt.BLOCK
@@ -88,6 +95,7 @@ def verify_gallery(root: str | Path) -> list[str]:
             if np.any((rec["concept"] < 0) | (rec["concept"] >= n_c)):
                 problems.append(f"part {info['name']}: block {b} has concept ids outside [0, {n_c})")
         start_expect = 0
+        names, firsts, counts = [], [], []
         for li in range(ni):
             v = txn.get(fmt.ukey(li), db=dbs[b"image"])
             if v is None:
@@ -105,12 +113,14 @@ def verify_gallery(root: str | Path) -> list[str]:
             if d["key"] in keys:
                 problems.append(f"image key {d['key']!r} appears twice")
             keys.add(d["key"])
-            gs = info["patch_offset"] + d["start"]
-            confs = p_conf[gs: gs + d["count"]]
-            if np.any(np.diff(confs) > 0):
-                problems.append(f"image {d['key']!r}: patches not sorted by confidence")
-            if np.any(p_image[gs: gs + d["count"]] != info["image_offset"] + li):
-                problems.append(f"image {d['key']!r}: index/patch_image disagrees with the image record")
+            names.append(d["key"])
+            firsts.append(d["start"])
+            counts.append(d["count"])
+        if len(names) == ni and start_expect == npch:  # contiguous: check every image at once
+            problems += _image_order_problems(names, np.asarray(firsts, np.int64), np.asarray(counts, np.int64),
+                                              p_conf[info["patch_offset"]: info["patch_offset"] + npch],
+                                              p_image[info["patch_offset"]: info["patch_offset"] + npch],
+                                              info["image_offset"])
         if start_expect != npch:
             problems.append(f"part {info['name']}: images cover {start_expect} patches of {npch}")
         seen_patches += npch
@@ -132,7 +142,23 @@ def verify_gallery(root: str | Path) -> list[str]:
     return problems
 
 
-def verify_text(root: str | Path) -> list[str]:
+def _image_order_problems(keys: list[str], starts: np.ndarray, counts: np.ndarray, conf: np.ndarray,
+                          image: np.ndarray, image_offset: int) -> list[str]:
+    """Each image's patches sorted by confidence and owned by it in index/patch_image, for a whole
+    part in a few array operations (a loop over images cost more than reading their features)."""
+    out = []
+    is_start = np.zeros(len(conf), dtype=bool)
+    is_start[starts[counts > 0]] = True
+    rises = np.flatnonzero((conf[1:] > conf[:-1]) & ~is_start[1:]) + 1
+    owner = np.repeat(np.arange(len(keys)), counts)
+    for i in np.unique(owner[rises]):
+        out.append(f"image {keys[i]!r}: patches not sorted by confidence")
+    for i in np.unique(owner[image != image_offset + owner]):
+        out.append(f"image {keys[i]!r}: index/patch_image disagrees with the image record")
+    return out
+
+
+def verify_text(root: str | Path, *, quick: bool = False) -> list[str]:
     root = Path(root)
     try:
         t = TextStoreReader(root)
@@ -153,6 +179,9 @@ def verify_text(root: str | Path) -> list[str]:
     for extra in sorted(on_disk - listed):
         problems.append(f"shards/{extra}: on disk but not in the manifest (run finalize again)")
     for k, s in enumerate(t.manifest["shards"]):
+        path = root / "shards" / s["name"]
+        if not quick and s.get("sha256") and path.is_file() and sha256_file(path) != s["sha256"]:
+            problems.append(f"shards/{s['name']}: bytes do not match the sha256 finalize recorded")
         try:
             a = t.shard_arrays(k)
         except (StoreError, OSError) as e:
@@ -197,9 +226,9 @@ def verify_text(root: str | Path) -> list[str]:
     return problems
 
 
-def verify_store(path: str | Path) -> list[str]:
+def verify_store(path: str | Path, *, quick: bool = False) -> list[str]:
     kind = store_kind(path)
-    return verify_gallery(path) if kind == "gallery" else verify_text(path)
+    return verify_gallery(path, quick=quick) if kind == "gallery" else verify_text(path, quick=quick)
 
 
 def gallery_info(root: str | Path) -> dict[str, Any]:

@@ -173,6 +173,32 @@ def test_retry_failed_reruns_only_failures(fake_build, tmp_path: Path) -> None:
     assert set(after["images"]) == set(before["images"]) | {"later.jpg"}
     for k, v in before["images"].items():
         assert after["images"][k]["concepts"] == v["concepts"]
+    # the retry went into a new part: the finalized part 0 (which readers may map) was not written
+    parts = json.loads((tmp_path / "g" / "manifest.json").read_text())["parts"]
+    assert [(p["name"], p["images"]) for p in parts] == [("part-00000", 6), ("part-00001", 1)]
+    _, r4 = run("g", shard_size=3, batch_size=2, retry_failed=True)  # its failure record is not open any more
+    assert r4.exit_code == 0 and r4.shards_done == 0 and not r4.failed
+
+
+def test_a_second_build_into_the_same_out_is_refused_before_any_work(fake_build, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    _, run = fake_build
+    out = tmp_path / "g"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from vlmixer.storage.gallery_writer import build_lock\n"
+         f"with build_lock({str(out)!r}):\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(VlmixerError, match=rf"another process is writing it \(pid {holder.pid} "):
+            run("g")
+        assert not (out / "parts").exists() and not (out / "gallery.json").exists()
+    finally:
+        holder.communicate("")
+    _, r = run("g")  # released: the same build now runs
+    assert r.exit_code == 0 and r.gallery_images == 6
 
 
 def test_detector_error_on_one_image_fails_only_that_image(fake_build, tmp_path: Path) -> None:

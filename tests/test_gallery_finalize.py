@@ -67,7 +67,7 @@ def test_budgeted_index_is_byte_identical(tied: tuple[Path, dict[str, bytes]], n
     root, want = tied
     manifest = gf.finalize_gallery(root, budget=BUDGETS[name])
     assert index_bytes(root) == want
-    assert sorted(p.name for p in root.iterdir()) == ["gallery.json", "index", "manifest.json", "parts"]
+    assert sorted(p.name for p in root.iterdir()) == ["build.lock", "gallery.json", "index", "manifest.json", "parts"]
     assert manifest["patches"] == GalleryReader(root).num_patches > 100
 
 
@@ -229,7 +229,7 @@ def test_kill_9_anywhere_then_rerun_gives_the_same_index(tied: tuple[Path, dict[
                     GalleryReader(root)
             gf.finalize_gallery(root, budget=BUDGETS["chunk7"])
             assert index_bytes(root) == want, (where, at)
-            assert sorted(os.listdir(root)) == ["gallery.json", "index", "manifest.json", "parts"]
+            assert sorted(os.listdir(root)) == ["build.lock", "gallery.json", "index", "manifest.json", "parts"]
             assert verify_gallery(root) == []
 
 

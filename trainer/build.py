@@ -66,6 +66,11 @@ def build_datasets(cfg: TrainConfig, stores: Stores) -> dict[str, torch.utils.da
         if cfg.cmc.k_shot == 0 and biggest > 100_000:
             warnings.warn(f"cmc.k_shot=0 computes p_i over whole concept lists (up to {biggest:,} patches here) "
                           "for every replaced word; mixing will be slow. The paper uses 15-shot.", stacklevel=2)
+        for t in stores.texts:
+            if t.manifest.get("spans") == 0:
+                raise ConfigError(f"{t.root}: text store has no grounded spans in {t.num_sentences} sentences; "
+                                  "VALP mixes and predicts grounded words, so there is nothing to train: tag it "
+                                  "with the gallery's concepts (`vlmixer text tag --concepts GALLERY`)")
         out["valp"] = ValpDataset(corpus=TextCorpus(stores.texts, cache_shards=d.text_cache_shards),
                                   cmc=CrossModalCutMix.from_config(stores.gallery, cfg.cmc),
                                   vocab=stores.vocab, mask=mask, max_len=d.max_len_valp, seed=cfg.run.seed)

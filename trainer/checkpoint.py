@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +77,23 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint written by `save_checkpoint`; anything else is one VlmixerError naming the file.
+
+    torch.load raises half a dozen unrelated types on foreign bytes, and its message for
+    a file holding pickled objects advises turning weights_only off: that advice is never
+    passed on, since such a file could run code when loaded.
+    """
+    p = Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise VlmixerError(f"{path}: cannot load checkpoint ({e})") from None
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except OSError as e:
+        raise VlmixerError(f"{p}: cannot read checkpoint ({e.strerror or type(e).__name__})") from None
+    except Exception:  # noqa: BLE001 - any failure to unpickle is the same verdict for the user
+        if zipfile.is_zipfile(p):
+            why = "it holds Python objects besides tensors and plain containers, and was refused unread"
+        else:
+            why = "not a torch checkpoint archive (damaged, truncated or another kind of file)"
+        raise VlmixerError(f"{p}: not a vlmixer checkpoint ({why})") from None
+    if not isinstance(state, dict) or not {"model", "config", "step"} <= state.keys():
+        raise VlmixerError(f"{p}: not a vlmixer checkpoint (no model, config and step entries)")
+    return state

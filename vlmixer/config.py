@@ -160,12 +160,24 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequenc
         if base is not None:
             base_path = Path(path).parent / str(base)
             data = _merge(to_dict(load_config(cls, base_path)), data)
-    data = _merge(data, parse_overrides(overrides))
-    where = f" in {path}" if path is not None else ""
     try:
-        return from_dict(cls, data)
+        return from_dict(cls, _merge(data, parse_overrides(overrides)))
     except ConfigError as e:
-        raise ConfigError(f"{e}{where}") from None
+        raise ConfigError(_blame(cls, data, overrides, str(e), path)) from None
+
+
+def _blame(cls: type, data: dict[str, Any], overrides: Sequence[str], error: str, path: str | Path | None) -> str:
+    """Say where a bad value came from: the file if it fails this way alone, else the first
+    override after which it does. Without this a typo on the command line was reported as an
+    error in the yaml."""
+    where = f"{error} in {path}" if path is not None else error
+    for i in range(len(overrides) + 1):
+        try:
+            from_dict(cls, _merge(data, parse_overrides(overrides[:i])))
+        except ConfigError as e:
+            if str(e) == error:
+                return where if i == 0 else f"{error} (from the command-line override {overrides[i - 1]!r})"
+    return where
 
 
 def bundled_config_dir() -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,11 +19,14 @@ def atomic_write(path: str | Path, fill: Callable[[BinaryIO], object]) -> None:
     """`fill` writes into a temporary file `.NAME.*.tmp` beside `path`; fsync, then os.replace.
 
     Streaming writers (a multi-GB checkpoint) never hold the whole file in memory;
-    a crash leaves only the temporary, never a half `path`.
+    a crash leaves only the temporary, never a half `path`. The temporary is
+    created as plain `open()` would create it (mode 0666 less the umask), not
+    0600 as `tempfile.mkstemp` does, so a store written by one account on a
+    shared cluster stays readable by the training job of another.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    fd, tmp = _create_temporary(p)
     try:
         with os.fdopen(fd, "wb") as f:
             fill(f)
@@ -34,6 +37,16 @@ def atomic_write(path: str | Path, fill: Callable[[BinaryIO], object]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _create_temporary(p: Path) -> tuple[int, str]:
+    for _ in range(100):
+        tmp = str(p.parent / f".{p.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{p.parent}: cannot create a unique temporary file for {p.name}")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -10,7 +10,10 @@ window of them (`ray.wait`), so its memory does not grow with the job.
 Resume is derived from the store: a shard whose commit marker exists is
 skipped (and must hold the same keys, or the plan changed and we refuse).
 `--retry-failed` additionally re-runs the images recorded as failed, as new
-shards `r<attempt>-<shard>`, in the part that recorded them.
+shards `r<attempt>-<shard>`, in the first part not yet finalized (a finalized
+part is never written again: readers may be mapping it). The driver holds the
+gallery's write lock from planning through finalize, so a second build into
+the same --out is refused at once.
 """
 from __future__ import annotations
 
@@ -163,9 +166,7 @@ def plan(opts: BuildOptions, items: Sequence[ImageItem], committed: dict[str, di
         for f in failures:
             it = by_key.get(f["key"], ImageItem(key=f["key"], path=f["path"]))
             groups.setdefault((f.get("part", ""), f.get("shard", "x")), []).append(it)
-        for (part, origin), group in sorted(groups.items()):
-            if part not in ("", "part-00000"):
-                raise VlmixerError(f"{opts.out}: failures recorded in {part}; this build writes part 0 only")
+        for (_part, origin), group in sorted(groups.items()):
             todo.append(Shard(shard_id=f"r{attempt}-{origin}", items=tuple(sorted(group, key=lambda i: i.key))))
     return todo, skipped
 
@@ -263,30 +264,43 @@ def build_gallery(opts: BuildOptions) -> BuildReport:
     """Plan, run the shards still to do, finalize; the CLI and the Python API are this function."""
     from vlmixer.storage.gallery_failures import failed_images
     from vlmixer.storage.gallery_finalize import finalize_gallery
+    from vlmixer.storage.gallery_writer import build_lock
+    from vlmixer.storage.headers import read_json_object
 
     validate(opts)
     t0 = time.perf_counter()
     out = Path(opts.out)
-    items = read_source(opts.images, image_root=opts.image_root)
-    committed, failures = _existing_state(out)
-    todo, skipped = plan(opts, items, committed, failures)
-    report = BuildReport(out=str(out), images_planned=len(items), shards_skipped=skipped,
-                         shards_planned=skipped + len(todo))
-    if todo:
-        n_todo = sum(len(s.items) for s in todo)
-        progress = Progress(n_todo, opts.progress)
-        try:
-            if opts.ray_address == "none":
-                _run_in_process(opts, todo, progress, report)
-            else:
-                _run_ray(opts, todo, progress, report)
-        finally:
-            progress.close()
-    manifest = finalize_gallery(out, opts.finalize_memory_mb)
+    with build_lock(out):
+        items = read_source(opts.images, image_root=opts.image_root)
+        committed, failures = _existing_state(out)
+        todo, skipped = plan(opts, items, committed, failures)
+        report = BuildReport(out=str(out), images_planned=len(items), shards_skipped=skipped,
+                             shards_planned=skipped + len(todo))
+        if todo:
+            n_todo = sum(len(s.items) for s in todo)
+            progress = Progress(n_todo, opts.progress)
+            try:
+                if opts.ray_address == "none":
+                    _run_in_process(opts, todo, progress, report)
+                else:
+                    _run_ray(opts, todo, progress, report)
+            finally:
+                progress.close()
+        if todo or not _finalized(out):
+            manifest = finalize_gallery(out, opts.finalize_memory_mb)
+        else:  # nothing new: leave the index that readers may be mapping as it is
+            manifest = read_json_object(out / "manifest.json", "gallery manifest")
+        report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in failed_images(out)]
     report.gallery_images, report.gallery_patches = manifest["images"], manifest["patches"]
-    report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in failed_images(out)]
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _finalized(out: Path) -> bool:
+    """A manifest lists every part on disk: the last finalize saw everything written since."""
+    from vlmixer.storage.gallery_writer import list_parts, sealed_parts
+
+    return (out / "manifest.json").exists() and {p.name for p in list_parts(out)} <= sealed_parts(out)
 
 
 def _record(report: BuildReport, stats: dict[str, Any]) -> None:
@@ -307,7 +321,8 @@ def _run_in_process(opts: BuildOptions, todo: list[Shard], progress: Progress, r
                             factory=opts.detector_factory)
     info = runner.info()
     concepts, attributes = _vocabularies(opts, info)
-    committer = ShardCommitter(str(opts.out), info["feature_dim"], concepts, attributes, _provenance(opts, info))
+    committer = ShardCommitter(str(opts.out), info["feature_dim"], concepts, attributes, _provenance(opts, info),
+                               lock_held_by_driver=True)
     pre = runner.preprocessor()
     report.mode, report.workers = "in-process", 1
     try:
@@ -384,7 +399,7 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
             num_cpus=0, max_restarts=1, max_task_retries=1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
         ).remote(str(Path(opts.out).resolve()), info["feature_dim"], concepts, attributes,
-                 _provenance(opts, info))
+                 _provenance(opts, info), lock_held_by_driver=True)
         # stays a ref: unpickling it would import the detector (torch) into the driver
         pre_ref = actors[0].preprocessor.remote()
         decode = ray.remote(decode_batch).options(num_cpus=1, max_retries=2)

@@ -8,8 +8,6 @@ with its confidence and image key, in a grid.
 from __future__ import annotations
 
 import difflib
-import os
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from vlmixer.errors import VlmixerError
+from vlmixer.files import atomic_write
 from vlmixer.pipeline.gallery.images import BadImage, DecodePolicy, load_rgb
 
 LABEL_H = 28
@@ -108,14 +107,5 @@ def render_concept(gallery: str | Path, concept: str, out: str | Path, *, max_pa
         draw.text((x0 + 3, y0 + cell + 1), f"{float(conf):.3f}", fill=(0, 0, 140), font=font)
         draw.text((x0 + 3, y0 + cell + 13), rec.key[-(cell // 6):], fill=(60, 60, 60), font=font)
     reader.close()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        sheet.save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out, lambda f: sheet.save(f, format="PNG"))  # mode as open() gives, not mkstemp's 0600
     return {"concept": names[cid][0], "concept_id": cid, "shown": n, "total": total}

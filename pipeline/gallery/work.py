@@ -280,7 +280,8 @@ class ShardCommitter:
     concepts: list[list[str]]
     attributes: list[list[str]] | None
     provenance: dict[str, Any]
-    part: int = 0
+    part: int | None = None  # the first part not yet finalized
+    lock_held_by_driver: bool = False  # the build driver holds the gallery's write lock for the run
     _writer: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -291,7 +292,7 @@ class ShardCommitter:
             self.root, part=self.part, feature_dim=self.feature_dim,
             concepts=Vocabulary.from_json(self.concepts),
             attributes=Vocabulary.from_json(self.attributes) if self.attributes else None,
-            provenance=self.provenance)
+            provenance=self.provenance, lock_held_by_driver=self.lock_held_by_driver)
 
     def commit(self, shard_id: str, keys_sha256: str, extra: dict[str, Any], *pieces: BatchPiece) -> dict[str, Any]:
         t0 = time.perf_counter()

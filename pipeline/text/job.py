@@ -243,7 +243,20 @@ def run_tag_job(config: TagJobConfig, *, ray_address: str | None = None, workers
     summary = summarize(s["stats"] for s in manifest["shards"])
     summary["seconds_this_run"] = round(time.perf_counter() - started, 3)
     summary["sentences_this_run"] = counts["sentences"]
-    return writer.finalize({"summary": summary})
+    manifest = writer.finalize({"summary": summary})
+    if not summary.get("sentences"):
+        raise VlmixerError(f"{out}: no sentences: {_nothing_reason(summary)}; nothing to train on. Check "
+                           "--format and --field, then remove the empty store and run again")
+    return manifest
+
+
+def _nothing_reason(summary: Mapping[str, Any]) -> str:
+    """Why a finished job holds no sentence, as counts by reason (a user's wrong --field, --format)."""
+    records = int(summary.get("records", 0))
+    if not records:
+        return "the input holds no records"
+    reasons = ", ".join(f"{k} {v}" for k, v in summary.get("skipped", {}).items())
+    return f"all {records} records were skipped ({reasons or 'no reason recorded'})"
 
 
 def _run_on_ray(config: TagJobConfig, tasks: Iterable[ShardTask], done: Callable[[dict[str, Any]], None],

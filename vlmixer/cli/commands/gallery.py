@@ -43,8 +43,10 @@ def _show(a: argparse.Namespace) -> int:
 
 def _finalize(a: argparse.Namespace) -> int:
     from vlmixer.storage.gallery_finalize import finalize_gallery
+    from vlmixer.storage.gallery_writer import build_lock
 
-    m = finalize_gallery(a.gallery, a.memory_mb)
+    with build_lock(a.gallery):  # not while a build writes it
+        m = finalize_gallery(a.gallery, a.memory_mb)
     print(f"{a.gallery}: index rebuilt: {m['images']} images, {m['patches']} patches, {m['failed']} failed")
     return 0
 

@@ -13,7 +13,7 @@ def _verify(args: argparse.Namespace) -> int:
     bad = 0
     for path in args.stores:
         kind = store_kind(path)
-        problems = verify_store(path)
+        problems = verify_store(path, quick=args.quick)
         if problems:
             bad += 1
             print(f"{path}: {kind} store has {len(problems)} problem(s):")
@@ -47,6 +47,8 @@ def register(tree: CommandTree) -> None:
                      example="vlmixer verify out/gallery out/text")
     p.add_argument("stores", nargs="+", metavar="STORE", help="gallery or text store directory")
     p.add_argument("--max-problems", type=int, default=50, help="problems to print per store")
+    p.add_argument("--quick", action="store_true",
+                   help="check structure and indexes only, not every block's checksum or every shard's bytes")
 
     p = tree.subcommand("gallery", "info", _gallery_info, help="counts, vocabularies, provenance, size on disk",
                         example="vlmixer gallery info out/gallery")
