@@ -6,7 +6,7 @@
 #                                  detector, gallery-job and trainer figures; print one table and write
 #                                  gpu_report.md (with results.jsonl, gpu_tests.xml, gpu_check.log)
 #                                  under $OUT (default ./gpu_out)
-#   bench/gpu_check.sh --dry-run   no GPU, seconds: checks the wheels list (and the folder, when there
+#   bench/gpu_check.sh --dry-run   no GPU, ~20-30 s of CPU: checks the wheels list (and the folder, when there
 #                                  is one), that the check's code imports without Ray and needs nothing
 #                                  beyond the image and the wheels, the gpu test selection (and that it
 #                                  skips cleanly without CUDA), and the report writer

@@ -34,6 +34,7 @@ SECTIONS = (  # report order; anything else follows
     ("gallery_verdict", "Gallery job: is decoding the bottleneck?"),
     ("matmul", "bf16 matrix products"), ("trainer_model", "Trainer: model"),
     ("trainer", "Trainer steps (bf16 autocast, fused AdamW): samples/s, MFU, peak memory"),
+    ("trainer_compile", "Trainer: torch.compile"),
     ("loader_setup", "Data loader: set-up"), ("loader", "Data loader: VALP samples/s by worker count"),
     ("loop", "The training loop: share of each step waiting for data"),
 )
