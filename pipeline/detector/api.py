@@ -41,6 +41,7 @@ class Detections:
     attr_ids: np.ndarray  # (n,K) int64, 0-based attribute ids, -1 padded
     attr_scores: np.ndarray  # (n,K) float32, 0 where padded
     image_size: tuple[int, int]  # (height, width) of the original image
+    empty_reason: str | None = None  # why there is no box, when there is none
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -94,7 +95,7 @@ class Detector:
         self.batch_size = int(cfg.VLMIXER.BATCH_SIZE)
         self._mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
         self._std = torch.tensor(cfg.MODEL.PIXEL_STD, dtype=torch.float32, device=device).view(3, 1, 1)
-        self._masker = PadMasker()
+        self._masker = PadMasker(str(cfg.VLMIXER.STEM_POOL))
         self._masker.attach(model.backbone, model.proposal_generator.rpn_head)
 
     # ------------------------------------------------------------------ construction
@@ -204,6 +205,47 @@ class Detector:
         (tensor, scale, (orig_h, orig_w)) from `preprocess`."""
         if not items:
             return []
+        tensors, sizes = self._unpack(items)
+        results = self._forward(tensors, [(int(t.shape[1]), int(t.shape[2])) for t in tensors], sizes)
+        return self._to_detections(results, tensors, sizes)
+
+    def detect_at_boxes(self, items: Sequence[Sequence[Any]], boxes: Sequence[np.ndarray],
+                        labels: Sequence[np.ndarray]) -> list[Detections]:
+        """Features and attributes at boxes the user gives (original-image pixels, x1 y1 x2 y2),
+        with their 0-based classes; confidence 1.0, order kept. `items` as `detect_preprocessed`.
+
+        Why: galleries with human-labelled concepts (COCO, Visual Genome) need the
+        features the head computes for exactly those boxes, as VinVL's and
+        bottom-up attention's given-box extraction do; no proposal, NMS or
+        selection runs.
+        """
+        if len(items) != len(boxes) or len(boxes) != len(labels):
+            raise VlmixerError("detect_at_boxes: items, boxes and labels differ in length")
+        if not items:
+            return []
+        tensors, sizes = self._unpack(items)
+        net_boxes, net_labels = [], []
+        for t, orig, b, lab in zip(tensors, sizes, boxes, labels):
+            b = np.asarray(b, dtype=np.float32).reshape(-1, 4)
+            lab = np.asarray(lab, dtype=np.int64).reshape(-1)
+            if b.shape[0] != lab.shape[0]:
+                raise VlmixerError(f"detect_at_boxes: {b.shape[0]} boxes but {lab.shape[0]} labels")
+            if lab.size and (lab.min() < 0 or lab.max() >= self.num_classes):
+                raise VlmixerError(f"detect_at_boxes: class ids must be in [0, {self.num_classes})")
+            sy, sx = t.shape[1] / orig[0], t.shape[2] / orig[1]
+            nb = torch.from_numpy(b.copy())
+            nb[:, 0::2] *= sx
+            nb[:, 1::2] *= sy
+            net_boxes.append(nb)
+            net_labels.append(torch.from_numpy(lab.copy()))
+        results = self._forward(tensors, [(int(t.shape[1]), int(t.shape[2])) for t in tensors], sizes,
+                                given=(net_boxes, net_labels))
+        dets = self._to_detections(results, tensors, sizes)
+        for d, b in zip(dets, boxes):  # the user's boxes, exactly as given
+            d.boxes = np.asarray(b, dtype=np.float32).reshape(-1, 4).copy()
+        return dets
+
+    def _unpack(self, items: Sequence[Sequence[Any]]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
         tensors, sizes = [], []
         for it in items:
             if len(it) not in (2, 3):
@@ -217,7 +259,10 @@ class Detector:
                 orig = (max(int(round(t.shape[1] / s)), 1), max(int(round(t.shape[2] / s)), 1))
             tensors.append(t)
             sizes.append(orig)
-        results = self._forward(tensors, [(int(t.shape[1]), int(t.shape[2])) for t in tensors])
+        return tensors, sizes
+
+    def _to_detections(self, results: list[Any], tensors: Sequence[torch.Tensor],
+                       sizes: Sequence[tuple[int, int]]) -> list[Detections]:
         out = []
         # one device->host copy per field for the whole batch
         for inst, t, orig in zip(results, tensors, sizes):
@@ -235,18 +280,27 @@ class Detector:
                 attr_ids=inst.attr_ids.cpu().numpy().astype(np.int64),
                 attr_scores=inst.attr_scores.float().cpu().numpy().astype(np.float32),
                 image_size=orig,
+                empty_reason=None if len(boxes) else self._empty_reason(orig),
             ))
         return out
 
+    def _empty_reason(self, size: tuple[int, int]) -> str:
+        px = float(self.cfg.VLMIXER.MIN_BOX_PIXELS)
+        return (f"no boxes (every proposal is under the minimum box size of {px:g} px in this "
+                f"{size[1]}x{size[0]} image)")
+
     @torch.inference_mode()
-    def _forward(self, tensors: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[Any]:
-        from detectron2.structures import ImageList
+    def _forward(self, tensors: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
+                 originals: Sequence[tuple[int, int]] | None = None,
+                 given: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> list[Any]:
+        from detectron2.structures import Boxes, ImageList, Instances
 
         from vlmixer.pipeline.detector.model import padded_extent
 
         div = int(self.cfg.VLMIXER.SIZE_DIVISIBILITY)
         extents = [padded_extent(s, div) for s in sizes]
         fh, fw = max(e[0] for e in extents), max(e[1] for e in extents)
+        originals = list(originals) if originals is not None else list(sizes)
         batch = torch.zeros((len(tensors), 3, fh, fw), dtype=torch.float32, device=self.device)
         for i, t in enumerate(tensors):
             x = t.to(self.device, non_blocking=True).float()
@@ -254,17 +308,27 @@ class Detector:
         if self.device.type == "cuda" and self.cfg.VLMIXER.CHANNELS_LAST:
             batch = batch.contiguous(memory_format=torch.channels_last)
         images = ImageList(batch, [tuple(s) for s in sizes])
-        self._masker.set(extents, (fh, fw))
+        images.vlmixer_extents = self._masker.set(extents, (fh, fw))
+        images.vlmixer_scales = [(s[0] / o[0], s[1] / o[1]) for s, o in zip(sizes, originals)]
+        images.vlmixer_original_sizes = [tuple(o) for o in originals]
         amp = self.cfg.VLMIXER.AMP
         use_amp = self.device.type == "cuda" and amp != "none"
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
         try:
             with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=use_amp):
                 feats = self.model.backbone(images.tensor)
-                proposals, _ = self.model.proposal_generator(images, feats, None)
-                results, _ = self.model.roi_heads(images, feats, proposals, None)
+                if given is None:
+                    proposals, _ = self.model.proposal_generator(images, feats, None)
+                    results, _ = self.model.roi_heads(images, feats, proposals, None)
+                else:
+                    proposals = []
+                    for s, b in zip(sizes, given[0]):
+                        inst = Instances(tuple(s))
+                        inst.proposal_boxes = Boxes(b.to(self.device))
+                        proposals.append(inst)
+                    results, _ = self.model.roi_heads(images, feats, proposals, None, given_labels=given[1])
         finally:
-            self._masker.set(None, (0, 0))
+            self._masker.clear()
         return results
 
 

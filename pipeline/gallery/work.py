@@ -226,6 +226,10 @@ class DetectorRunner:
                 o.failure = f"detector error ({type(det).__name__}: {str(det)[:100]})"
                 continue
             _check(det, self.feature_dim)
+            if len(_np(det.boxes)) == 0:
+                # e.g. a 10000x20 picture: every proposal is under the detector's minimum box size
+                o.failure = getattr(det, "empty_reason", None) or "no detections (the detector kept no box)"
+                continue
             feats = _np(det.features).astype(np.float16)
             if not np.all(np.isfinite(feats)):
                 o.failure = "non-finite detector features"
