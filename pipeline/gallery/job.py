@@ -24,10 +24,11 @@ from typing import Any
 
 from vlmixer.errors import VlmixerError
 from vlmixer.pipeline import ray_session
-from vlmixer.pipeline.gallery.images import DEFAULT_MAX_PIXELS, DecodePolicy
+from vlmixer.pipeline.gallery.images import DECODE_MODES, DEFAULT_MAX_PIXELS, DecodePolicy
 from vlmixer.pipeline.gallery.sources import ImageItem, Shard, keys_digest, make_shards, read_source
 from vlmixer.pipeline.gallery.work import (
     BatchPiece,
+    BoxPlan,
     DetectorRunner,
     ShardCommitter,
     decode_batch,
@@ -59,6 +60,9 @@ class BuildOptions:
     seed: int = 0
     device: str = "auto"  # in-process only; Ray actors use their GPU if they got one
     strict_modes: bool = True  # CMYK/16-bit/alpha are failures; False converts them (--convert-modes)
+    decode: str = "standard"  # "standard" (EXIF orientation, alpha on white) or "reference" (as VinVL)
+    boxes: str | None = None  # annotation file: features at its boxes instead of detected ones
+    box_synonyms: bool = True  # map box categories to concepts through WordNet synonyms too
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_inflight_batches: int | None = None
     progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise
@@ -68,7 +72,18 @@ class BuildOptions:
     detector_factory: Any = None
 
     def policy(self) -> DecodePolicy:
-        return DecodePolicy(max_pixels=self.max_pixels, strict_modes=self.strict_modes)
+        return DecodePolicy(max_pixels=self.max_pixels, strict_modes=self.strict_modes, mode=self.decode)
+
+    def box_plan(self) -> BoxPlan | None:
+        """What detector workers need for `--boxes`; the vocabulary travels only when the user gave it."""
+        if self.boxes is None:
+            return None
+        concepts = None
+        if self.labelmap or self.vocab:
+            from vlmixer.storage.vocab import read_labelmap_json, read_vocab_txt
+
+            concepts = (read_labelmap_json(self.labelmap)[0] if self.labelmap else read_vocab_txt(self.vocab)).to_json()
+        return BoxPlan(path=str(Path(self.boxes).resolve()), concepts=concepts, synonyms=self.box_synonyms)
 
 
 @dataclass
@@ -90,6 +105,7 @@ class BuildReport:
     seconds: float = 0.0
     mode: str = ""
     workers: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -103,6 +119,7 @@ class BuildReport:
             f"({self.shards_skipped} already committed), {self.images_done} images, {self.patches_done} "
             f"patches, {self.failures_this_run} failed, {self.seconds:.1f} s ({rate:.1f} images/s)",
         ]
+        lines += self.notes
         if self.converted:
             lines.append(f"converted to RGB ({len(self.converted)}):")
             for k, note in sorted(self.converted.items())[:max_listed]:
@@ -152,6 +169,10 @@ def validate(opts: BuildOptions) -> None:
         raise VlmixerError("--ray-address must be auto, local, none or a Ray address")
     if opts.max_pixels < 1:
         raise VlmixerError("--max-pixels must be >= 1")
+    if opts.decode not in DECODE_MODES:
+        raise VlmixerError(f"--decode {opts.decode!r}: expected one of {', '.join(DECODE_MODES)}")
+    if opts.boxes is not None and not Path(opts.boxes).is_file():
+        raise VlmixerError(f"{opts.boxes}: --boxes annotation file does not exist")
 
 
 def _existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
@@ -244,16 +265,40 @@ def _vocabularies(opts: BuildOptions, info: dict[str, Any]) -> tuple[list[list[s
     return concepts, attributes
 
 
-def _provenance(opts: BuildOptions, info: dict[str, Any]) -> dict[str, Any]:
+def _provenance(opts: BuildOptions, info: dict[str, Any], box_info: dict[str, Any] | None = None) -> dict[str, Any]:
     from vlmixer.files import sha256_file
 
-    keep = ("images", "image_root", "shard_size", "batch_size", "seed", "strict_modes", "max_pixels")
+    keep = ("images", "image_root", "shard_size", "batch_size", "seed", "strict_modes", "max_pixels", "decode")
     build = {k: getattr(opts, k) for k in keep}
     build["images"] = str(Path(opts.images).resolve())
     if opts.labelmap:
         build["labelmap_sha256"] = sha256_file(opts.labelmap)
-    return {"detector": info.get("provenance", {}), "detector_config": str(Path(opts.detector).resolve()),
-            "build": build}
+    out = {"detector": info.get("provenance", {}), "detector_config": str(Path(opts.detector).resolve()),
+           "build": build, "boxes": {"from": "detector"}}
+    if box_info is not None:
+        out["boxes"] = box_info
+    return out
+
+
+def _box_info(opts: BuildOptions, concepts: list[list[str]], report: BuildReport) -> dict[str, Any] | None:
+    """With --boxes: map the annotation categories once here (for the summary and the provenance);
+    workers map them the same way from the same vocabulary."""
+    if opts.boxes is None:
+        return None
+    from vlmixer.files import sha256_file
+    from vlmixer.pipeline.gallery.annotations import map_categories, read_annotations
+    from vlmixer.storage.vocab import Vocabulary
+
+    ann = read_annotations(opts.boxes)
+    cmap = map_categories(ann.category_counts(), Vocabulary.from_json(concepts), synonyms=opts.box_synonyms)
+    report.notes.append(f"boxes from {opts.boxes} ({ann.format}): {cmap.summary()}")
+    if ann.problems:
+        report.notes.append(f"{len(ann.problems)} annotation record(s) skipped: " + "; ".join(ann.problems[:5]))
+    return {"from": "annotations", "path": str(Path(opts.boxes).resolve()), "format": ann.format,
+            "sha256": sha256_file(opts.boxes), "confidence": 1.0, "synonyms": opts.box_synonyms,
+            "categories_mapped": {k: concepts[v][0] for k, v in sorted(cmap.to_concept.items())},
+            "categories_unmapped": dict(sorted(cmap.unmapped.items())),
+            "records_skipped": len(ann.problems)}
 
 
 # -- progress ---------------------------------------------------------------------
@@ -347,10 +392,11 @@ def _extra(opts: BuildOptions, shard: Shard) -> dict[str, Any]:
 def _run_in_process(opts: BuildOptions, todo: list[Shard], progress: Progress, report: BuildReport) -> None:
     """The same callables as the Ray job, in a loop: for debugging and machines without Ray."""
     runner = DetectorRunner(opts.detector, opts.weights, opts.device, num_threads=opts.threads,
-                            factory=opts.detector_factory)
+                            factory=opts.detector_factory, boxes=opts.box_plan())
     info = runner.info()
     concepts, attributes = _vocabularies(opts, info)
-    committer = ShardCommitter(str(opts.out), info["feature_dim"], concepts, attributes, _provenance(opts, info))
+    committer = ShardCommitter(str(opts.out), info["feature_dim"], concepts, attributes,
+                               _provenance(opts, info, _box_info(opts, concepts, report)))
     pre = runner.preprocessor()
     report.mode, report.workers = "in-process", 1
     try:
@@ -387,7 +433,8 @@ def _worker_plan(opts: BuildOptions, resources: dict[str, float]) -> tuple[int, 
 class _RayDetector(DetectorRunner):
     """A `DetectorRunner` that takes its GPU from Ray; without CUDA it falls back to the CPU."""
 
-    def __init__(self, config: str, weights: str | None, threads: int, factory: Any = None) -> None:
+    def __init__(self, config: str, weights: str | None, threads: int, factory: Any = None,
+                 boxes: BoxPlan | None = None) -> None:
         import ray
         import torch
 
@@ -396,7 +443,7 @@ class _RayDetector(DetectorRunner):
             print("[gallery] warning: Ray assigned a GPU to a detector worker but CUDA is not available; "
                   "running on CPU", file=sys.stderr)
         super().__init__(config, weights, "cuda" if gpu and torch.cuda.is_available() else "cpu",
-                         num_threads=threads or None, factory=factory)
+                         num_threads=threads or None, factory=factory, boxes=boxes)
         self.worker += f":node={ray.get_runtime_context().get_node_id()[:12]}"
 
 
@@ -418,16 +465,17 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
     try:
         n_actors, actor_opts, threads = _worker_plan(opts, ray.cluster_resources())
         det_cls = ray.remote(_RayDetector).options(max_restarts=2, max_task_retries=2, **actor_opts)
-        actors = [det_cls.remote(opts.detector, opts.weights, threads, opts.detector_factory)
+        actors = [det_cls.remote(opts.detector, opts.weights, threads, opts.detector_factory, opts.box_plan())
                   for _ in range(n_actors)]
         info = ray_session.get(actors[0].info.remote(), "a detector worker")
         concepts, attributes = _vocabularies(opts, info)
+        box_info = _box_info(opts, concepts, report)
         here = ray.get_runtime_context().get_node_id()
         writer = ray.remote(ShardCommitter).options(
             num_cpus=0, max_restarts=1, max_task_retries=1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
         ).remote(str(Path(opts.out).resolve()), info["feature_dim"], concepts, attributes,
-                 _provenance(opts, info))
+                 _provenance(opts, info, box_info))
         # stays a ref: unpickling it would import the detector (torch) into the driver
         pre_ref = actors[0].preprocessor.remote()
         decode = ray.remote(decode_batch).options(num_cpus=1, max_retries=2)
