@@ -16,7 +16,7 @@ from vlmixer.pipeline.detector.selection import dense_class_nms, pairwise_iou, s
 def images() -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     # sizes chosen so the resized inputs are not multiples of 16 or 32 (odd extents at every stride)
-    return [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(),
+    return [skimage.data.astronaut(), skimage.data.chelsea(), rng.integers(0, 255, size=(180, 250, 3), dtype=np.uint8),
             rng.integers(0, 255, size=(151, 421, 3), dtype=np.uint8)]
 
 
@@ -180,3 +180,17 @@ def test_very_flat_image_keeps_no_degenerate_box():
     assert len(loose) >= 10 and np.all(loose.boxes[:, 3] - loose.boxes[:, 1] == 0)  # what the filter removes
     (ok,) = det([np.random.default_rng(2).integers(0, 255, size=(200, 10000, 3), dtype=np.uint8)])
     assert len(ok) >= 10 and np.all(ok.boxes[:, 3] - ok.boxes[:, 1] >= 1) and np.all(ok.boxes[:, 2] - ok.boxes[:, 0] >= 1)
+
+
+def test_caffe_resize_is_opencv_linear():
+    from vlmixer.pipeline.detector.api import caffe_resize, caffe_scale, preprocess_image
+
+    ramp = np.array([[0, 40, 80, 200]], np.uint8)[:, :, None].repeat(3, axis=2)  # 1 x 4
+    out = caffe_resize(ramp, 2.0)[0].numpy()  # 2 x 8: source x = (x + 0.5) / 2 - 0.5, edges replicated
+    np.testing.assert_allclose(out[0], [0, 10, 30, 50, 70, 110, 170, 200])
+    np.testing.assert_allclose(out[1], out[0])
+    assert caffe_scale(300, 451, 600, 1000) == 2.0
+    assert caffe_scale(151, 421, 600, 1000) == pytest.approx(1000 / 421)  # round(600/151*421) > 1000
+    t, s = preprocess_image(skimage.data.chelsea(), 600, 1000, rule="caffe")
+    assert t.dtype == torch.float32 and tuple(t.shape) == (3, 600, 902) and s == 2.0
+    assert float(t[0, 0, 0]) == float(skimage.data.chelsea()[0, 0, 2])  # BGR, at the corner the pixel itself

@@ -65,6 +65,10 @@ def add_vlmixer_config(cfg: Any) -> None:
     # and bottom-up attention's extractors run); a batch gives each image
     # exactly that result (model.PadMasker).
     cfg.VLMIXER.SIZE_DIVISIBILITY = 0
+    # Test-time resize: "maskrcnn" (maskrcnn-benchmark's sizes, PIL bilinear as
+    # torchvision does on PIL images; VinVL) or "caffe" (py-faster-rcnn's scale,
+    # OpenCV linear resize of the float image; bottom-up attention).
+    cfg.VLMIXER.RESIZE = "maskrcnn"
     # Images per forward pass in Detector.__call__.
     cfg.VLMIXER.BATCH_SIZE = 4
     # "none", "bf16" or "fp16": autocast of the forward pass on CUDA (ignored on CPU).
@@ -208,6 +212,7 @@ def validate_config(cfg: Any, where: str = "config") -> None:
     choices = {
         "VLMIXER.BOX_DECODE": (cfg.VLMIXER.BOX_DECODE, ("detectron", "py_faster_rcnn")),
         "VLMIXER.NMS_IOU": (cfg.VLMIXER.NMS_IOU, ("plus_one", "torchvision")),
+        "VLMIXER.RESIZE": (cfg.VLMIXER.RESIZE, ("maskrcnn", "caffe")),
         "VLMIXER.SELECTION.LABEL": (cfg.VLMIXER.SELECTION.LABEL, ("surviving", "argmax")),
         "VLMIXER.ATTRIBUTE.LABEL_INPUT": (cfg.VLMIXER.ATTRIBUTE.LABEL_INPUT, ("selected", "argmax_with_background")),
     }
