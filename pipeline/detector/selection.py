@@ -124,9 +124,10 @@ def class_nms(boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], iou
             count = count[cls]
             k = int(count.max()) if cls.numel() else 0
             part = sc[:, cls].t()
-            part = torch.where(part >= min_score, part, torch.full_like(part, -1.0))
-            # stable: equal scores keep index order, exactly as the dense pass visits them
-            order = torch.argsort(part, dim=1, descending=True, stable=True)[:, :k]
+            # the k best of each row hold every pair >= min_score (k >= its count); among them,
+            # equal scores in index order (stable), exactly as the dense pass visits them
+            top = part.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+            order = top.gather(1, torch.argsort(part.gather(1, top), dim=1, descending=True, stable=True))
         orders.append(order)
         counts.append(count)
         rows_img.append(torch.full_like(cls, i))
