@@ -101,7 +101,7 @@ def test_annotation_formats_and_category_mapping(world, name, fmt):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["coco.json", "boxes.jsonl"])
+@pytest.mark.parametrize("name", ["coco.json", "vg_objects.json", "boxes.jsonl"])
 def test_gallery_of_annotated_boxes(world, det, name, tmp_path):
     out = tmp_path / "g"
     report = build_gallery(BuildOptions(images=str(world["images"]), detector=str(TINY), out=str(out),

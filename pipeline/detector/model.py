@@ -10,18 +10,17 @@ Registered in detectron2's registries (importing this module registers them):
   (stride-1)/2, rounded +1 widths, ratio-major order), so RPN weights of
   those models apply unchanged;
 * `VLMixerRPN` (PROPOSAL_GENERATOR_REGISTRY): inference-only RPN with the
-  maskrcnn-benchmark post-processing (+1 decode, clip to w-1, +1 NMS) when
-  `VLMIXER.LEGACY_BOXES`, and anchors restricted to each image's own padded
-  extent so a batch gives the same proposals as one image at a time;
+  post-processing of maskrcnn-benchmark (VinVL) or of
+  bottom-up-attention.pytorch, on the anchors of each image's own extent of
+  the feature map, so a batch gives the proposals of each image alone;
 * `VLMixerRes5ROIHeads` (ROI_HEADS_REGISTRY): detectron2's `Res5ROIHeads`
-  (RoIAlign 14x14 on res4, res5 box head, average pool) plus the attribute
-  head and the "NMS filter 1" box selection on the proposals.
+  (RoIAlign or RoIPool 14x14 on res4, res5 box head, plain or dilated,
+  average pool) plus the attribute head and the "NMS filter 1" box selection
+  on the proposals, or features at given boxes.
 
-Numerics versus maskrcnn-benchmark (what VinVL was trained with): frozen BN
-without eps (set by `VLMIXER.FROZEN_BN_EPS`), non-aligned RoIAlign
-(`POOLER_TYPE: ROIAlign`), and the +1 box convention are matched. What
-differs: image resizing (PIL bilinear like torchvision's on PIL images; same
-sizes), float summation order in convolutions.
+Every convention that differs between the references is a config key
+(config.py); pipeline/detector/README.md lists each reference setting and
+where it is read.
 """
 from __future__ import annotations
 

@@ -12,7 +12,8 @@ the concept, instead of detected boxes and predicted classes. Formats:
   per line.
 
 An image is looked up by its gallery key (the COCO / VG image id when the same
-json is the image source), its file name or its path's last part. Category
+json is the image source), its file name, its path, or its file name without
+the extension (Visual Genome's `<image_id>.jpg`). Category
 names map to gallery concepts as the text job maps words: the concept's name,
 its variants, then WordNet synonyms (`pipeline.text.synonyms`); a category
 that maps to nothing is counted and listed, never guessed, and its boxes are
@@ -52,7 +53,7 @@ class BoxAnnotations:
     problems: list[str] = field(default_factory=list)
 
     def lookup(self, key: str, path: str) -> ImageBoxes | None:
-        for k in (key, Path(path).name, path):
+        for k in (key, Path(path).name, path, Path(path).stem):
             name = k if k in self.images else self.aliases.get(k)
             if name is not None:
                 return self.images[name]
