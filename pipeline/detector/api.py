@@ -202,6 +202,12 @@ class Detector:
                 "rpn_post_nms_topk": int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST),
                 "min_size": int(cfg.INPUT.MIN_SIZE_TEST),
                 "max_size": int(cfg.INPUT.MAX_SIZE_TEST),
+                "resize": str(cfg.VLMIXER.RESIZE),
+                "size_divisibility": int(cfg.VLMIXER.SIZE_DIVISIBILITY),
+                "nms_iou": str(cfg.VLMIXER.NMS_IOU),
+                "nms_suppress_equal": bool(cfg.VLMIXER.NMS_SUPPRESS_EQUAL),
+                "min_box_pixels": float(cfg.VLMIXER.MIN_BOX_PIXELS),
+                "label": str(cfg.VLMIXER.SELECTION.LABEL),
             },
         }
         det = cls(cfg=cfg, model=model, device=dev, provenance=provenance, concepts=concepts, attributes=attributes)
