@@ -173,3 +173,8 @@ def test_decode_mode_in_provenance_and_flat_image_recorded(world, tmp_path):
     assert fail["key"] == "flat.png" and "minimum box size of 1 px" in fail["reason"]
     heights = [r.patch(i).box[3] - r.patch(i).box[1] for i in range(len(r))]
     assert len(heights) >= 10 and min(heights) >= 1
+    # resuming with the other decode mode, or with annotated boxes, would mix two kinds of patches
+    base = ["gallery", "build", "--images", str(imgs), "--detector", str(TINY), "--vocab", str(world["vocab"]),
+            "--out", str(out), "--ray-address", "none", "--device", "cpu", "--no-progress"]
+    assert main(base) == 2
+    assert main(base + ["--decode", "reference", "--boxes", str(world["root"] / "boxes.jsonl")]) == 2

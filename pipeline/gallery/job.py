@@ -175,6 +175,27 @@ def validate(opts: BuildOptions) -> None:
         raise VlmixerError(f"{opts.boxes}: --boxes annotation file does not exist")
 
 
+def _same_pixels_and_boxes(out: Path, opts: BuildOptions) -> None:
+    """A resumed gallery must keep its decode mode and box source: mixing them would store patches
+    of rotated and unrotated pictures, or detected and annotated boxes, under one provenance."""
+    header = out / "gallery.json"
+    if not header.is_file():
+        return
+    from vlmixer.files import sha256_file
+    from vlmixer.storage.headers import read_json_object
+
+    prov = read_json_object(header, "gallery header").get("provenance") or {}
+    had_decode = (prov.get("build") or {}).get("decode", "standard")
+    if had_decode != opts.decode:
+        raise VlmixerError(f"{out}: this gallery was built with --decode {had_decode}, not {opts.decode}; "
+                           "use the same option or a new --out")
+    boxes = prov.get("boxes") or {"from": "detector"}
+    if (boxes.get("from") == "annotations") != (opts.boxes is not None) or (
+            opts.boxes is not None and boxes.get("sha256") != sha256_file(opts.boxes)):
+        had = f"--boxes {boxes.get('path')}" if boxes.get("from") == "annotations" else "detected boxes"
+        raise VlmixerError(f"{out}: this gallery holds {had}; resume it with the same boxes or use a new --out")
+
+
 def _existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
     from vlmixer.storage.gallery_writer import committed_shards, list_parts
 
@@ -355,6 +376,7 @@ def build_gallery(opts: BuildOptions) -> BuildReport:
     validate(opts)
     t0 = time.perf_counter()
     out = Path(opts.out)
+    _same_pixels_and_boxes(out, opts)
     items = read_source(opts.images, image_root=opts.image_root)
     committed, failures = _existing_state(out)
     todo, skipped = plan(opts, items, committed, failures)
