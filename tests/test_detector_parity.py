@@ -194,3 +194,14 @@ def test_caffe_resize_is_opencv_linear():
     t, s = preprocess_image(skimage.data.chelsea(), 600, 1000, rule="caffe")
     assert t.dtype == torch.float32 and tuple(t.shape) == (3, 600, 902) and s == 2.0
     assert float(t[0, 0, 0]) == float(skimage.data.chelsea()[0, 0, 2])  # BGR, at the corner the pixel itself
+
+
+def test_one_image_runs_unpadded():
+    det = Detector.from_config(TINY)
+    seen = []
+    h = det.model.backbone.register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    try:
+        det([skimage.data.chelsea()])  # resized to 213 x 320: not a multiple of 32
+    finally:
+        h.remove()
+    assert seen == [(1, 3, 213, 320)]
