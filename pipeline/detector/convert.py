@@ -269,7 +269,7 @@ def convert_butd_checkpoint(src_state_dict: Mapping[str, Any], cfg: Any, *, caff
     misshaped: list[str] = []
     for key, value in src.items():
         k = _strip(str(key))
-        if k.endswith(".num_batches_tracked"):
+        if k.endswith(".num_batches_tracked") or k.startswith("__"):  # BN counter; "__author__"-style notes
             continue
         if isinstance(value, np.ndarray) and value.dtype.kind in "fiu":
             value = torch.from_numpy(np.ascontiguousarray(value))
