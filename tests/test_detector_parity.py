@@ -89,6 +89,11 @@ def test_nms_convention_constructed_case():
     b = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0]])  # exact IoU 0.5
     assert nms_keep(b, s, 0.5, plus_one=False).tolist() == [0, 1]
     assert nms_keep(b, s, 0.5, plus_one=False, suppress_equal=True).tolist() == [0]
+    # IoU 3/10 is float32(0.3) = 0.300000012: above torchvision's double 0.3, not above the CUDA kernel's float
+    c = torch.tensor([[0.0, 0.0, 6.5, 1.0], [3.5, 0.0, 10.0, 1.0]])
+    assert pairwise_iou(c[:1], c[1:], legacy=False).item() == np.float32(0.3)
+    assert nms_keep(c, s, 0.3, plus_one=False).tolist() == [0]
+    assert dense_class_nms(c, s[:, None], 0.3, legacy=False)[:, 0].tolist() == [True, False]
 
 
 def test_nms_convention_changes_only_near_threshold():

@@ -228,15 +228,16 @@ def nms_keep(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, plus_
     `plus_one`: areas and overlaps with +1 widths, as maskrcnn-benchmark's
     kernels. `suppress_equal`: suppress at IoU >= t (maskrcnn-benchmark's CPU
     kernel, which bottom-up-attention.pytorch calls) instead of IoU > t (its
-    CUDA kernel, and torchvision). Both compare in float32 like those kernels.
+    CUDA kernel, and torchvision), each with the threshold's precision there.
     """
     from torchvision.ops import nms
 
     b = boxes + torch.tensor([0.0, 0.0, 1.0, 1.0], device=boxes.device, dtype=boxes.dtype) if plus_one else boxes
-    t = np.float32(iou_thresh)
-    if suppress_equal:  # IoU >= t  <=>  IoU > the float32 just below t
-        t = np.nextafter(t, np.float32(0))
-    return nms(b, scores, float(t))
+    if suppress_equal:  # IoU >= float32(t)  <=>  IoU > the float32 just below it
+        return nms(b, scores, float(np.nextafter(np.float32(iou_thresh), np.float32(0))))
+    if plus_one:  # maskrcnn-benchmark's CUDA kernel takes a float threshold
+        return nms(b, scores, float(np.float32(iou_thresh)))
+    return nms(b, scores, float(iou_thresh))  # torchvision.ops.nms called with a Python float
 
 
 @PROPOSAL_GENERATOR_REGISTRY.register()

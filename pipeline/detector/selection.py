@@ -74,7 +74,10 @@ def _pack_overlaps(boxes: torch.Tensor, iou_thresh: float, legacy: bool, words: 
     (IoU > t, or >= t with `suppress_equal`)."""
     n = boxes.shape[0]
     iou = pairwise_iou(boxes, boxes, legacy)
-    overlap = iou >= iou_thresh if suppress_equal else iou > iou_thresh
+    if suppress_equal or legacy:  # maskrcnn-benchmark's kernels: float32 threshold
+        overlap = iou >= iou_thresh if suppress_equal else iou > iou_thresh
+    else:  # torchvision.ops.nms compares with the threshold as a double
+        overlap = iou.double() > iou_thresh
     overlap.fill_diagonal_(True)
     overlap = F.pad(overlap, (0, words * _BITS - n)).view(n, words, _BITS).long()
     weights = torch.ones(_BITS, dtype=torch.long, device=boxes.device) << torch.arange(_BITS, device=boxes.device)
