@@ -17,11 +17,13 @@ decodes with the same function to crop the same pixels.
 
 Decode modes (`DecodePolicy.mode`, `gallery build --decode`, recorded in the
 store's provenance): "standard" is the above; "reference" decodes as VinVL's
-and bottom-up attention's extractors do, `Image.open(...).convert("RGB")`: no
-EXIF rotation, alpha dropped rather than composited, every mode converted by
-Pillow's own rule. Use it to reproduce their features exactly, or with
-annotations (COCO, Visual Genome) drawn on the stored pixel grid. Which files
-are refused (strict modes, size limits, corrupt data) does not change.
+extractor does, `Image.open(...).convert("RGB")`: no EXIF rotation, alpha
+dropped rather than composited, every mode converted by Pillow's own rule.
+Use it to reproduce VinVL's features exactly, or with annotations (COCO,
+Visual Genome) drawn on the stored pixel grid. (Bottom-up attention reads
+with `cv2.imread`, which applies the EXIF orientation: "standard" is the
+closer there.) Which files are refused (strict modes, size limits, corrupt
+data) does not change.
 """
 from __future__ import annotations
 

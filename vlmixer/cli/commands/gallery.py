@@ -85,8 +85,8 @@ def register(tree: CommandTree) -> None:
     p.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
                    help="larger images are refused as decompression bombs (default: Pillow's 89,478,485)")
     p.add_argument("--decode", choices=["standard", "reference"], default="standard",
-                   help="standard: EXIF orientation, alpha on white (default); reference: as VinVL's and bottom-up "
-                        "attention's extractors, Image.open().convert('RGB') (recorded in the provenance)")
+                   help="standard: EXIF orientation, alpha on white (default); reference: as VinVL's extractor, "
+                        "Image.open().convert('RGB'), no EXIF rotation (recorded in the provenance)")
     p.add_argument("--boxes", metavar="ANNOTATIONS",
                    help="features at these boxes instead of detected ones: COCO instances json, Visual Genome "
                         "objects json, or jsonl {image, boxes:[[x1,y1,x2,y2]], labels:[...]}; the category maps "
