@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.gallery:
         gallery, text = Path(a.gallery), Path(a.text)
     else:
-        from vlmixer.trainer.synthetic import tiny_stores
+        from vlmixer.storage.synthetic import tiny_stores
 
         tmp = tempfile.TemporaryDirectory()
         t0 = time.perf_counter()

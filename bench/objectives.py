@@ -3,7 +3,7 @@
     python bench/objectives.py [--steps 100] [--images 64] [KEY=VALUE ...]
 
 Each config under configs/pretrain/ (albef_paired, tcl_paired, xvlm_paired, vlmixer_plus_itc) is shrunk
-by trainer.synthetic.TINY_OVERRIDES (a 2-layer 64-wide BERT, batch 16), SMOKE below, then any KEY=VALUE,
+by vlmixer.trainer.smoke.TINY_OVERRIDES (a 2-layer 64-wide BERT, batch 16), SMOKE below, then any KEY=VALUE,
 and trained on `paired_stores` (+ `tiny_stores` for VALP/TAVP). Per task and term it prints the mean of
 the first and the last fifth of the logged steps, so "losses decrease" is a table, not a claim.
 
@@ -30,8 +30,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch
 
+from vlmixer.storage.synthetic import paired_stores, tiny_stores
 from vlmixer.trainer.loop import load_train_config, train
-from vlmixer.trainer.synthetic import TINY_OVERRIDES, paired_stores, tiny_stores
+from vlmixer.trainer.smoke import TINY_OVERRIDES
 
 CONFIGS = ("albef_paired", "tcl_paired", "xvlm_paired", "vlmixer_plus_itc")
 # queues scaled to the tiny store (the configs' 65536 would be random vectors for all 100 steps);

@@ -1,4 +1,4 @@
-"""Reading a finished patch gallery, and finishing one (`finalize_gallery`).
+"""Reading a finished patch gallery (`finalize_gallery`, which finishes one, lives in gallery_finalize).
 
 Patch ids are global: the parts in name order, each part's patches in the
 order it committed them; an image's patches are contiguous and sorted by
@@ -12,20 +12,18 @@ the page cache and nothing loads all features.
 from __future__ import annotations
 
 import bisect
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lmdb
-import msgpack
 import numpy as np
 
 from vlmixer.errors import StoreError
-from vlmixer.files import atomic_write_json
 from vlmixer.storage import gallery_format as fmt
-from vlmixer.storage.gallery_writer import check_format, list_parts, open_part_readonly
+from vlmixer.storage.gallery_failures import open_failures
+from vlmixer.storage.gallery_finalize import finalize_gallery
+from vlmixer.storage.gallery_format import unpack_record
+from vlmixer.storage.gallery_writer import check_format, open_part_readonly
 from vlmixer.storage.headers import read_json_object
 from vlmixer.storage.lmdb_env import PID, release_env
 from vlmixer.storage.vocab import Vocabulary
@@ -54,170 +52,6 @@ class Patch:
     attr_ids: np.ndarray  # (k,) int, only the valid ones
     attr_scores: np.ndarray  # (k,) float32
     image: int  # global image index
-
-
-# patches per step when finalize streams over the whole gallery (bounds its temporary memory)
-_CHUNK = 1 << 22
-
-
-def unpack_record(data: bytes | memoryview, where: str) -> dict[str, Any]:
-    """Decode a msgpack record; anything else (pickle bytes included) is a StoreError, never executed."""
-    try:
-        out = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated types on foreign bytes
-        raise StoreError(f"{where}: record is not valid msgpack ({type(e).__name__}); store corrupted") from None
-    if not isinstance(out, dict):
-        raise StoreError(f"{where}: record is not a map; store corrupted")
-    return out
-
-
-def _open_failures(views: list[tuple[Any, dict[bytes, Any]]]) -> dict[bytes, bytes]:
-    """Raw failure records whose image no part holds: a retry may add the image in another part.
-
-    `views` is one (read transaction, named databases) pair per part."""
-    failed = {bytes(k): bytes(v) for txn, dbs in views for k, v in txn.cursor(db=dbs[b"failed"])}
-    return {k: v for k, v in failed.items() if all(txn.get(k, db=dbs[b"imgkey"]) is None for txn, dbs in views)}
-
-
-def _part_records(env: lmdb.Environment) -> tuple[int, int]:
-    meta = env.open_db(b"meta", create=False)
-    with env.begin(db=meta) as txn:
-        return fmt.unpack_count(txn.get(b"n_images")), fmt.unpack_count(txn.get(b"n_patches"))
-
-
-def finalize_gallery(root: str | Path) -> dict[str, Any]:
-    """Build the concept index and contextual concepts, then write `manifest.json` last.
-
-    Runs after every shard is committed; streams each part's metadata blocks,
-    never its features. Re-running it rebuilds the same index.
-    """
-    root = Path(root)
-    header = read_json_object(root / "gallery.json", "gallery header")
-    check_format(header, root / "gallery.json")
-    n_concepts = len(header["concepts"])
-    parts = list_parts(root)
-    part_info = []
-    img_off = patch_off = 0
-    for p in parts:
-        env = open_part_readonly(p)
-        try:
-            ni, np_ = _part_records(env)
-            with env.begin(db=env.open_db(b"shard", create=False)) as txn:
-                n_shards = txn.stat(env.open_db(b"shard", create=False))["entries"]
-        finally:
-            release_env(env)
-        part_info.append({"name": p.name, "images": ni, "patches": np_, "shards": n_shards,
-                          "image_offset": img_off, "patch_offset": patch_off})
-        img_off += ni
-        patch_off += np_
-    n_images, n_patches = img_off, patch_off
-    envs = [open_part_readonly(p) for p in parts]
-    try:
-        dbs = [{n: e.open_db(n, create=False) for n in (b"failed", b"imgkey")} for e in envs]
-        txns = [e.begin() for e in envs]
-        n_failed = len(_open_failures(list(zip(txns, dbs))))
-        for t in txns:
-            t.abort()
-    finally:
-        for e in envs:
-            release_env(e)
-
-    tmp_index = root / "index.tmp"
-    if tmp_index.exists():
-        shutil.rmtree(tmp_index)
-    tmp_index.mkdir()
-
-    def mm(name: str, dtype: str, n: int) -> np.memmap:
-        return np.lib.format.open_memmap(tmp_index / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,))
-
-    p_concept = mm("patch_concept", "<i4", n_patches)
-    p_conf = mm("patch_conf", "<f4", n_patches)
-    p_image = mm("patch_image", "<i8", n_patches)
-    img_start = mm("image_patch_start", "<i8", n_images + 1)
-    for info, p in zip(part_info, parts):
-        env = open_part_readonly(p)
-        try:
-            pmeta = env.open_db(b"pmeta", create=False)
-            idb = env.open_db(b"image", create=False)
-            with env.begin(buffers=True) as txn:
-                for k, v in txn.cursor(db=pmeta):
-                    rec = np.frombuffer(v, dtype=fmt.PATCH_DTYPE)
-                    g = info["patch_offset"] + fmt.unkey(k) * fmt.BLOCK
-                    p_concept[g: g + len(rec)] = rec["concept"]
-                    p_conf[g: g + len(rec)] = rec["conf"]
-                    p_image[g: g + len(rec)] = rec["image"] + info["image_offset"]
-                for k, v in txn.cursor(db=idb):
-                    li = fmt.unkey(k)
-                    rec_ = unpack_record(v, f"{p} image {li}")
-                    img_start[info["image_offset"] + li] = info["patch_offset"] + rec_["start"]
-        finally:
-            release_env(env)
-    img_start[n_images] = n_patches
-    if n_patches and (p_concept.min() < 0 or p_concept.max() >= n_concepts):
-        raise StoreError(f"{root}: patch concept ids outside the vocabulary of {n_concepts} concepts")
-
-    # concept index: patches grouped by concept, confidence descending, then id (lexsort is stable).
-    # Memory: whole-gallery temporaries are one sort order (8 B/patch) and the negated confidences
-    # (4 B/patch) at a time; everything else streams in chunks of _CHUNK patches.
-    concept, neg_conf = np.asarray(p_concept), -np.asarray(p_conf)
-    order = np.lexsort((neg_conf, concept))
-    c_patches = mm("concept_patches", "<i8", n_patches)
-    c_confs = mm("concept_confs", "<f4", n_patches)
-    c_patches[:] = order
-    for a in range(0, n_patches, _CHUNK):
-        c_confs[a: a + _CHUNK] = p_conf[order[a: a + _CHUNK]]
-    del order
-    c_off = mm("concept_offsets", "<i8", n_concepts + 1)
-    counts = np.bincount(concept, minlength=n_concepts) if n_patches else np.zeros(n_concepts, np.int64)
-    c_off[0] = 0
-    np.cumsum(counts, out=c_off[1:])
-
-    # contextual concepts per image: each detected concept once, with its best confidence
-    pair = np.lexsort((neg_conf, concept, np.asarray(p_image)))
-    del neg_conf
-    first = np.zeros(n_patches, dtype=bool)
-    for a in range(0, n_patches, _CHUNK):
-        idx = pair[max(a - 1, 0): a + _CHUNK]
-        im_s, co_s = p_image[idx], p_concept[idx]
-        new = (im_s[1:] != im_s[:-1]) | (co_s[1:] != co_s[:-1])
-        if a == 0:
-            first[0] = True
-            first[1: len(idx)] = new
-        else:
-            first[a: a + len(new)] = new
-    sel = pair[first]
-    del pair, first
-    ctx_c = mm("image_ctx_concepts", "<i4", len(sel))
-    ctx_f = mm("image_ctx_confs", "<f4", len(sel))
-    ctx_c[:] = p_concept[sel]
-    ctx_f[:] = p_conf[sel]
-    ctx_off = mm("image_ctx_offsets", "<i8", n_images + 1)
-    ctx_off[:] = np.searchsorted(p_image[sel], np.arange(n_images + 1), side="left")
-    for a in (p_concept, p_conf, p_image, img_start, c_patches, c_confs, c_off, ctx_c, ctx_f, ctx_off):
-        a.flush()
-    del p_concept, p_conf, p_image, img_start, c_patches, c_confs, c_off, ctx_c, ctx_f, ctx_off
-
-    manifest_path = root / "manifest.json"
-    if manifest_path.exists():
-        manifest_path.unlink()  # the old index is about to be replaced: no manifest meanwhile
-    index_dir = root / "index"
-    if index_dir.exists():
-        shutil.rmtree(index_dir)
-    os.replace(tmp_index, index_dir)
-    manifest = {
-        "format": fmt.FORMAT_NAME,
-        "version": fmt.FORMAT_VERSION,
-        "images": n_images,
-        "patches": n_patches,
-        "failed": n_failed,
-        "concepts": n_concepts,
-        "feature_dim": header["feature_dim"],
-        "concepts_sha256": header["concepts_sha256"],
-        "attributes_sha256": header["attributes_sha256"],
-        "parts": part_info,
-    }
-    atomic_write_json(manifest_path, manifest)
-    return manifest
 
 
 class GalleryReader:
@@ -413,11 +247,9 @@ class GalleryReader:
 
     # -- failures and shards -------------------------------------------------------
     def failures(self) -> list[dict[str, str]]:
-        """Images recorded as bad by the build and not added since (a retry may land in another part)."""
+        """Images recorded as bad by the build and not added since: {key, path, reason, shard, part}."""
         st = self._open()
-        open_ = _open_failures(list(zip(st["txns"], st["dbs"])))
-        return [{"key": k.decode(), **unpack_record(v, f"{self.root} failure record")}
-                for k, v in sorted(open_.items())]
+        return open_failures([(p["name"], t, d) for p, t, d in zip(self._parts, st["txns"], st["dbs"])])
 
     def shards(self) -> dict[str, dict[str, Any]]:
         st = self._open()
@@ -429,3 +261,7 @@ class GalleryReader:
 
     def __len__(self) -> int:
         return self.num_patches
+
+
+# finalize_gallery is offered here too, beside the reader it makes openable; it lives in gallery_finalize
+__all__ = ["GalleryReader", "ImageRecord", "Patch", "finalize_gallery", "unpack_record"]

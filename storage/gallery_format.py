@@ -24,8 +24,12 @@ the memory map.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
+import msgpack
 import numpy as np
+
+from vlmixer.errors import StoreError
 
 FORMAT_NAME = "vlmixer-gallery"
 FORMAT_VERSION = 1
@@ -77,6 +81,17 @@ def pack_count(i: int) -> bytes:
 
 def unpack_count(b: bytes | None) -> int:
     return 0 if b is None else _U64LE.unpack(bytes(b))[0]
+
+
+def unpack_record(data: bytes | memoryview, where: str) -> dict[str, Any]:
+    """Decode a msgpack record; anything else (pickle bytes included) is a StoreError, never executed."""
+    try:
+        out = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types on foreign bytes
+        raise StoreError(f"{where}: record is not valid msgpack ({type(e).__name__}); store corrupted") from None
+    if not isinstance(out, dict):
+        raise StoreError(f"{where}: record is not a map; store corrupted")
+    return out
 
 
 def part_name(part: int) -> str:

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import build_gallery, build_text_store, synthetic_images, synthetic_sentences
 
 from vlmixer.cli import build_parser, main
+from vlmixer.storage.synthetic import build_gallery, build_text_store, random_images, random_rows
 
 
 def test_help_lists_every_command_and_each_has_an_example(capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,8 +35,8 @@ def test_console_script_runs() -> None:
 
 
 def test_verify_and_info(tmp_path: Path, tiny_vocab_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    g = build_gallery(tmp_path / "g", {0: synthetic_images(1, 5, 16), 1: synthetic_images(2, 4, 16)}, dim=16)
-    t = build_text_store(tmp_path / "t", tiny_vocab_file, {"a": synthetic_sentences(1, 12)})
+    g = build_gallery(tmp_path / "g", {0: random_images(1, 5, 16), 1: random_images(2, 4, 16)}, dim=16)
+    t = build_text_store(tmp_path / "t", tiny_vocab_file, {"a": random_rows(1, 12)})
     assert main(["verify", str(g), str(t)]) == 0
     out = capsys.readouterr().out
     assert f"{g}: gallery store OK" in out and f"{t}: text store OK" in out

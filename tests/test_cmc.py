@@ -9,8 +9,8 @@ import pytest
 from scipy.stats import chisquare
 
 from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.synthetic import write_gallery
 from vlmixer.trainer.cmc import CrossModalCutMix
-from vlmixer.trainer.synthetic import write_gallery
 
 CONCEPTS = ["dog", "cat", "ball", "tree", "zebra"]
 DOG, CAT, BALL, TREE, ZEBRA = range(5)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.synthetic import CONCEPTS, tiny_stores, write_text_store, write_vocab
 from vlmixer.storage.textstore import TextStoreReader
 from vlmixer.trainer.cmc import CrossModalCutMix
 from vlmixer.trainer.data import (
@@ -20,7 +21,6 @@ from vlmixer.trainer.data import (
     mix_views,
 )
 from vlmixer.trainer.masking import IGNORE, MaskSpec
-from vlmixer.trainer.synthetic import CONCEPTS, tiny_stores, write_text_store, write_vocab
 
 
 @pytest.fixture(scope="module")

@@ -53,3 +53,11 @@ def test_config_list_command(capsys):
     assert capsys.readouterr().out.split() == bundled_configs("pretrain")
     assert main(["train", "--config", "nothing_like_it"]) == 2
     assert "nothing_like_it: no such config file" in capsys.readouterr().err
+
+
+def test_gallery_build_takes_a_bundled_detector_name(tmp_path, capsys):
+    """`--detector tiny` is the bundled file; an unknown name is one line, not a traceback."""
+    assert main(["gallery", "build", "--images", str(tmp_path / "none"), "--detector", "no_such_detector",
+                 "--out", str(tmp_path / "g")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no_such_detector: no such config file" in err

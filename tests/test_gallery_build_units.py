@@ -182,3 +182,24 @@ def test_detector_error_on_one_image_fails_only_that_image(fake_build, tmp_path:
     _, r = run("g", detector=bad_cfg, batch_size=4)
     broken = [f for f in r.failed if f["reason"].startswith("detector error")]
     assert broken and r.gallery_images == 6 - len(broken) and r.exit_code == 3
+
+
+# ------------------------------------------------------------------------------ options
+
+
+def test_cli_build_defaults_are_the_options_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`gallery build` with only the required arguments builds exactly BuildOptions' defaults."""
+    from vlmixer.cli import main
+    from vlmixer.pipeline.gallery import job
+
+    seen: list[BuildOptions] = []
+
+    def fake_build(opts: BuildOptions) -> job.BuildReport:
+        seen.append(opts)
+        return job.BuildReport(out=opts.out)
+
+    monkeypatch.setattr(job, "build_gallery", fake_build)
+    from vlmixer.config import resolve_config
+
+    assert main(["gallery", "build", "--images", "imgs", "--detector", "tiny", "--out", "g"]) == 0
+    assert seen == [BuildOptions(images="imgs", detector=str(resolve_config("tiny", "detector")), out="g")]

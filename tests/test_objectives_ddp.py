@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vlmixer.trainer.synthetic import TINY_OVERRIDES, paired_stores
+from vlmixer.storage.synthetic import paired_stores
+from vlmixer.trainer.smoke import TINY_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,7 @@ import torch
 
 from vlmixer.errors import ConfigError
 from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.synthetic import CONCEPTS, paired_stores, tiny_stores
 from vlmixer.storage.textstore import TextStoreReader
 from vlmixer.trainer.config import ModelConfig, ObjectiveConfig
 from vlmixer.trainer.data import TextCorpus, WordPieceVocab, concept_wordpieces, task_for_step
@@ -19,7 +20,7 @@ from vlmixer.trainer.loop import load_train_config, train
 from vlmixer.trainer.model import VLMixerModel
 from vlmixer.trainer.objectives import Pretrainer
 from vlmixer.trainer.paired_data import PairedDataset, PairIndex, collate_paired, fuse, select_rows
-from vlmixer.trainer.synthetic import CONCEPTS, TINY_OVERRIDES, paired_stores, tiny_stores
+from vlmixer.trainer.smoke import TINY_OVERRIDES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
@@ -71,7 +72,7 @@ def test_pairs_link_captions_to_their_images(stores: tuple[Path, Path]) -> None:
 def test_unpaired_captions_are_counted_and_explained(stores: tuple[Path, Path], tmp_path: Path) -> None:
     """Captions keyed to no gallery image (or to none at all) are skipped and counted; when none
     pairs, the error shows keys of both sides and the --image-key remedy."""
-    from vlmixer.trainer.synthetic import random_sentences, write_text_store
+    from vlmixer.storage.synthetic import random_sentences, write_text_store
 
     g = GalleryReader(stores[0])
     vocab = TextStoreReader(stores[1]).vocab_file
@@ -286,7 +287,7 @@ def test_views_itc_is_symmetric_cmcl_without_momentum_and_trains_only_the_online
 def test_images_without_patches_and_captions_without_concepts(tmp_path: Path) -> None:
     """Empty inputs are ordinary: an image with zero patches (no concept, no box) and a caption naming
     nothing the image shows (the concept falls back to a tag) train every objective without NaN."""
-    from vlmixer.trainer.synthetic import write_gallery, write_text_store, write_vocab
+    from vlmixer.storage.synthetic import write_gallery, write_text_store, write_vocab
 
     dog, cat = CONCEPTS.index("dog"), CONCEPTS.index("cat")
     g = write_gallery(tmp_path / "g", CONCEPTS, [[], [(dog, 0.9), (cat, 0.5)], []], feature_dim=16)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import vlmixer.trainer.objectives.paired_losses as paired_mod
 from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.synthetic import CONCEPTS, paired_stores
 from vlmixer.storage.textstore import TextStoreReader
 from vlmixer.trainer.config import ModelConfig, ObjectiveConfig
 from vlmixer.trainer.data import TextCorpus, WordPieceVocab, concept_wordpieces
@@ -18,7 +19,6 @@ from vlmixer.trainer.model import VLMixerModel
 from vlmixer.trainer.objectives import Pretrainer
 from vlmixer.trainer.objectives.albef import Temperature, itc_loss, ramped_alpha
 from vlmixer.trainer.paired_data import PairedDataset, PairIndex, collate_paired
-from vlmixer.trainer.synthetic import CONCEPTS, paired_stores
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
              "max_position_embeddings": 64, "vocab_size": 0}

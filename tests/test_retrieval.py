@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from vlmixer.cli import main
+from vlmixer.storage.synthetic import CONCEPTS, paired_stores, write_text_store
 from vlmixer.storage.textstore import TextStoreReader
 from vlmixer.trainer.loop import load_train_config, train
 from vlmixer.trainer.retrieval import recall_at_k
-from vlmixer.trainer.synthetic import CONCEPTS, TINY_OVERRIDES, paired_stores, write_text_store
+from vlmixer.trainer.smoke import TINY_OVERRIDES
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "albef_paired.yaml"
 N_IMAGES = 24

@@ -13,12 +13,12 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
-from conftest import TINY_CONCEPTS, build_gallery, synthetic_images
 
 from vlmixer.errors import StoreError
 from vlmixer.storage import gallery_format as fmt
 from vlmixer.storage.gallery import GalleryReader, finalize_gallery
 from vlmixer.storage.gallery_writer import GalleryWriter, committed_shards
+from vlmixer.storage.synthetic import TINY_CONCEPTS, build_gallery, random_images
 from vlmixer.storage.verify import verify_gallery
 from vlmixer.storage.vocab import Vocabulary
 
@@ -36,8 +36,8 @@ def _expected(shards: dict[int, list[dict]]) -> dict[str, dict]:
 
 
 def test_round_trip_every_field(tmp_path: Path) -> None:
-    shards = {i: synthetic_images(i, 7, DIM) for i in range(5)}  # spans several 128-patch blocks? no: small
-    shards[9] = synthetic_images(9, 60, DIM)  # > BLOCK patches: blocks are appended across shard commits
+    shards = {i: random_images(i, 7, DIM) for i in range(5)}  # spans several 128-patch blocks? no: small
+    shards[9] = random_images(9, 60, DIM)  # > BLOCK patches: blocks are appended across shard commits
     root = build_gallery(tmp_path / "g", shards, dim=DIM, parts=2)
     g = GalleryReader(root)
     exp = _expected(shards)
@@ -111,7 +111,7 @@ def test_concept_index_and_context(tmp_path: Path) -> None:
 
 
 def test_map_grows_from_tiny_map_size(tmp_path: Path) -> None:
-    shards = {i: synthetic_images(100 + i, 20, 256) for i in range(3)}
+    shards = {i: random_images(100 + i, 20, 256) for i in range(3)}
     root = build_gallery(tmp_path / "g", shards, dim=256, map_size=64 * 1024)
     g = GalleryReader(root)
     assert g.num_patches == sum(len(im["confidences"]) for s in shards.values() for im in s)
@@ -120,7 +120,7 @@ def test_map_grows_from_tiny_map_size(tmp_path: Path) -> None:
 
 
 def test_empty_image_and_empty_gallery(tmp_path: Path) -> None:
-    img = synthetic_images(1, 1, DIM)[0]
+    img = random_images(1, 1, DIM)[0]
     for k in ("boxes", "features", "concepts", "confidences"):
         img[k] = img[k][:0]
     img["attr_ids"] = img["attr_scores"] = None
@@ -134,7 +134,7 @@ def test_empty_image_and_empty_gallery(tmp_path: Path) -> None:
 
 def test_writer_rejects_bad_input(tmp_path: Path) -> None:
     w = GalleryWriter(tmp_path / "g", feature_dim=DIM, concepts=TINY_CONCEPTS)
-    img = synthetic_images(3, 1, DIM)[0]
+    img = random_images(3, 1, DIM)[0]
     with pytest.raises(StoreError, match="features shape"):
         with w.shard("s") as s:
             s.add_image(**{**img, "features": np.zeros((len(img["boxes"]), DIM + 1))})
@@ -161,7 +161,7 @@ def test_writer_rejects_bad_input(tmp_path: Path) -> None:
 def test_failures_are_recorded_and_cleared_by_retry(tmp_path: Path) -> None:
     root = tmp_path / "g"
     w = GalleryWriter(root, feature_dim=DIM, concepts=TINY_CONCEPTS)
-    good = synthetic_images(4, 2, DIM)
+    good = random_images(4, 2, DIM)
     with w.shard("s0") as s:
         s.add_image(**good[0])
         s.add_failure("bad-1", "/x/bad-1.jpg", "truncated JPEG")
@@ -177,7 +177,7 @@ def test_failures_are_recorded_and_cleared_by_retry(tmp_path: Path) -> None:
 
 
 def test_format_version_and_corrupted_manifest(tmp_path: Path) -> None:
-    root = build_gallery(tmp_path / "g", {0: synthetic_images(5, 3, DIM)}, dim=DIM)
+    root = build_gallery(tmp_path / "g", {0: random_images(5, 3, DIM)}, dim=DIM)
     m = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**m, "version": 99}))
     with pytest.raises(StoreError, match="format version 99"):
@@ -195,7 +195,7 @@ def test_format_version_and_corrupted_manifest(tmp_path: Path) -> None:
 
 
 def test_decoder_refuses_pickle(tmp_path: Path) -> None:
-    root = build_gallery(tmp_path / "g", {0: synthetic_images(6, 2, DIM)}, dim=DIM)
+    root = build_gallery(tmp_path / "g", {0: random_images(6, 2, DIM)}, dim=DIM)
     part = root / "parts" / fmt.part_name(0)
     env = lmdb.open(str(part), max_dbs=16)
     db = env.open_db(b"image")
@@ -220,7 +220,7 @@ def test_decoder_refuses_pickle(tmp_path: Path) -> None:
 
 
 def test_verify_finds_damage(tmp_path: Path) -> None:
-    root = build_gallery(tmp_path / "g", {0: synthetic_images(7, 6, DIM)}, dim=DIM)
+    root = build_gallery(tmp_path / "g", {0: random_images(7, 6, DIM)}, dim=DIM)
     env = lmdb.open(str(root / "parts" / fmt.part_name(0)), max_dbs=16)
     feat = env.open_db(b"feat")  # before the write txn: open_db inside one deadlocks
     with env.begin(write=True) as txn:
@@ -233,7 +233,7 @@ def test_verify_finds_damage(tmp_path: Path) -> None:
 WRITER_SCRIPT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
-    from conftest import TINY_CONCEPTS, synthetic_images
+    from vlmixer.storage.synthetic import TINY_CONCEPTS, random_images
     from vlmixer.storage.gallery_writer import GalleryWriter
     w = GalleryWriter({root!r}, feature_dim=512, concepts=TINY_CONCEPTS, map_size=1 << 20)
     done = w.committed_shards()
@@ -242,7 +242,7 @@ WRITER_SCRIPT = textwrap.dedent("""
         if sid in done:
             continue
         with w.shard(sid) as s:
-            for im in synthetic_images(i, 40, 512):
+            for im in random_images(i, 40, 512):
                 s.add_image(**im)
         print(sid, flush=True)
 """)
@@ -268,18 +268,18 @@ def test_sigkill_mid_shard_keeps_committed_shards_only(tmp_path: Path) -> None:
     assert set(done) == {f"shard-{i:04d}" for i in range(n_done)}
     manifest = finalize_gallery(root)
     g = GalleryReader(root)
-    want_keys = {im["key"] for i in range(n_done) for im in synthetic_images(i, 40, 512)}
+    want_keys = {im["key"] for i in range(n_done) for im in random_images(i, 40, 512)}
     got_keys = {g.image(i).key for i in range(g.num_images)}
     assert got_keys == want_keys  # every committed shard whole, nothing of the uncommitted one
     assert manifest["patches"] == sum(len(im["confidences"]) for i in range(n_done)
-                                      for im in synthetic_images(i, 40, 512))
+                                      for im in random_images(i, 40, 512))
     assert verify_gallery(root) == []
     g.close()  # LMDB allows one handle per process: readers go before a writer opens
     # resume with the same writer code: redoes only the uncommitted shards, no duplicates
     w = GalleryWriter(root, feature_dim=512, concepts=TINY_CONCEPTS)
     assert set(w.committed_shards()) == set(done)
     with w.shard(f"shard-{n_done:04d}") as s:
-        for im in synthetic_images(n_done, 40, 512):
+        for im in random_images(n_done, 40, 512):
             s.add_image(**im)
     w.close()
     finalize_gallery(root)
@@ -289,7 +289,7 @@ def test_sigkill_mid_shard_keeps_committed_shards_only(tmp_path: Path) -> None:
 
 def test_retry_in_another_part_clears_the_failure(tmp_path: Path) -> None:
     root = tmp_path / "g"
-    good = synthetic_images(8, 1, DIM)[0]
+    good = random_images(8, 1, DIM)[0]
     w0 = GalleryWriter(root, part=0, feature_dim=DIM, concepts=TINY_CONCEPTS)
     with w0.shard("s0") as s:
         s.add_failure(good["key"], good["path"], "unreadable")
@@ -304,9 +304,9 @@ def test_retry_in_another_part_clears_the_failure(tmp_path: Path) -> None:
 
 
 def test_features_beyond_float16_are_refused(tmp_path: Path) -> None:
-    img = synthetic_images(9, 1, DIM)[0]
+    img = random_images(9, 1, DIM)[0]
     while len(img["boxes"]) == 0:
-        img = synthetic_images(10, 1, DIM)[0]
+        img = random_images(10, 1, DIM)[0]
     img["features"] = img["features"].copy()
     img["features"][0, 0] = 1e6  # finite in float32, inf in float16
     w = GalleryWriter(tmp_path / "g", feature_dim=DIM, concepts=TINY_CONCEPTS)
@@ -320,10 +320,10 @@ def test_finalize_streams_in_chunks_with_the_same_index(tmp_path: Path, monkeypa
     """The concept index and contexts do not depend on finalize's chunk size, and equal a plain
     computation: per concept, patches by confidence descending then id; per image, each concept once
     with its best confidence."""
-    import vlmixer.storage.gallery as gallery_mod
+    import vlmixer.storage.gallery_finalize as gallery_mod
 
     rng = np.random.default_rng(5)
-    shards = {i: synthetic_images(200 + i, 6, DIM) for i in range(3)}
+    shards = {i: random_images(200 + i, 6, DIM) for i in range(3)}
     for s in shards.values():
         for im in s:  # few concepts and rounded confidences: many ties and repeats per image
             im["concepts"] = rng.integers(0, 3, len(im["confidences"]))
@@ -336,7 +336,7 @@ def test_finalize_streams_in_chunks_with_the_same_index(tmp_path: Path, monkeypa
 
     whole = arrays()
     monkeypatch.setattr(gallery_mod, "_CHUNK", 7)
-    finalize_gallery(root)
+    finalize_gallery(root, None)  # the whole-array path, in chunks of 7 where it streams
     chunked = arrays()
     assert whole.keys() == chunked.keys() and all(np.array_equal(whole[k], chunked[k]) for k in whole)
 

@@ -7,18 +7,24 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONCEPTS, build_gallery, build_text_store, synthetic_images, synthetic_sentences
 from torch.utils.data import DataLoader, Dataset
 
 from vlmixer.errors import StoreError
 from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.synthetic import (
+    TINY_CONCEPTS,
+    build_gallery,
+    build_text_store,
+    random_images,
+    random_rows,
+)
 from vlmixer.storage.textstore import TextStoreReader, TextStoreWriter, finalize_text_store
 from vlmixer.storage.verify import verify_text
 from vlmixer.storage.vocab import Vocabulary
 
 
 def test_round_trip_every_field(tmp_path: Path, tiny_vocab_file: Path) -> None:
-    shards = {"a-000": synthetic_sentences(1, 30), "a-001": synthetic_sentences(2, 1), "b-000": synthetic_sentences(3, 17)}
+    shards = {"a-000": random_rows(1, 30), "a-001": random_rows(2, 1), "b-000": random_rows(3, 17)}
     root = build_text_store(tmp_path / "t", tiny_vocab_file, shards)
     t = TextStoreReader(root)
     flat = [s for name in sorted(shards) for s in shards[name]]
@@ -43,7 +49,7 @@ def test_round_trip_every_field(tmp_path: Path, tiny_vocab_file: Path) -> None:
 
 
 def test_empty_store_and_sentence_without_span(tmp_path: Path, tiny_vocab_file: Path) -> None:
-    s = synthetic_sentences(4, 1)[0]
+    s = random_rows(4, 1)[0]
     s["spans"] = []
     t = TextStoreReader(build_text_store(tmp_path / "t", tiny_vocab_file, {"x": [s]}))
     assert t.sentence(0).spans == ()
@@ -53,7 +59,7 @@ def test_empty_store_and_sentence_without_span(tmp_path: Path, tiny_vocab_file: 
 
 def test_writer_rejects_bad_spans_and_mismatched_resume(tmp_path: Path, tiny_vocab_file: Path) -> None:
     w = TextStoreWriter(tmp_path / "t", concepts=TINY_CONCEPTS, tokenizer_name="x", vocab_file=tiny_vocab_file)
-    s = synthetic_sentences(5, 1)[0]
+    s = random_rows(5, 1)[0]
     with pytest.raises(StoreError, match="invalid span"):
         w.write_shard("x", [{**s, "spans": [(0, 1, 0, 1, 99)]}])
     with pytest.raises(StoreError, match="invalid span"):
@@ -67,7 +73,7 @@ def test_writer_rejects_bad_spans_and_mismatched_resume(tmp_path: Path, tiny_voc
 
 
 def test_format_version_corruption_and_vocabulary_mismatch(tmp_path: Path, tiny_vocab_file: Path) -> None:
-    root = build_text_store(tmp_path / "t", tiny_vocab_file, {"a": synthetic_sentences(6, 5)})
+    root = build_text_store(tmp_path / "t", tiny_vocab_file, {"a": random_rows(6, 5)})
     m = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**m, "version": 7}))
     with pytest.raises(StoreError, match="format version 7"):
@@ -87,7 +93,7 @@ def test_format_version_corruption_and_vocabulary_mismatch(tmp_path: Path, tiny_
 def test_killed_writer_leaves_no_half_shard(tmp_path: Path, tiny_vocab_file: Path) -> None:
     root = tmp_path / "t"
     w = TextStoreWriter(root, concepts=TINY_CONCEPTS, tokenizer_name="x", vocab_file=tiny_vocab_file)
-    w.write_shard("s0", synthetic_sentences(7, 3))
+    w.write_shard("s0", random_rows(7, 3))
     (root / "shards" / "s1.h5.tmp").write_bytes(b"half a shard")  # what a kill mid-write leaves
     assert w.committed_shards() == ["s0"]
     m = finalize_text_store(root)
@@ -114,9 +120,9 @@ class _Both(Dataset):
 
 
 def test_dataloader_two_fork_workers_read_both_stores(tmp_path: Path, tiny_vocab_file: Path) -> None:
-    groot = build_gallery(tmp_path / "g", {i: synthetic_images(20 + i, 10, 64) for i in range(3)}, dim=64)
-    troot = build_text_store(tmp_path / "t", tiny_vocab_file, {"a": synthetic_sentences(8, 40),
-                                                               "b": synthetic_sentences(9, 25)})
+    groot = build_gallery(tmp_path / "g", {i: random_images(20 + i, 10, 64) for i in range(3)}, dim=64)
+    troot = build_text_store(tmp_path / "t", tiny_vocab_file, {"a": random_rows(8, 40),
+                                                               "b": random_rows(9, 25)})
     g, t = GalleryReader(groot), TextStoreReader(troot)
     g.feature(0), t.tokens(0)  # the parent has open handles before the fork: workers must not reuse them
     ds = _Both(g, t)

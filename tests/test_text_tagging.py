@@ -340,12 +340,12 @@ def test_mark_sentence():
 def test_concepts_from_a_gallery(tmp_path, nlp, tokenizer):
     """`--concepts GALLERY` tags with the gallery's own vocabulary (variants included)."""
     try:
-        from conftest import TINY_CONCEPTS, build_gallery, synthetic_images
+        from vlmixer.storage.synthetic import TINY_CONCEPTS, build_gallery, random_images
     except ImportError:
         pytest.skip("gallery test helpers not available")
     from vlmixer.pipeline.text.resolve import load_concepts
 
-    gallery = build_gallery(tmp_path / "gallery", {0: synthetic_images(0, 3, 32)})
+    gallery = build_gallery(tmp_path / "gallery", {0: random_images(0, 3, 32)})
     concepts = load_concepts(gallery)
     assert concepts.sha256 == TINY_CONCEPTS.sha256
     store, _ = _tag(tmp_path, nlp, tokenizer, ["A kitty sits near the traffic lights."], concepts=concepts)

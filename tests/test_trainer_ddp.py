@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from vlmixer.storage.synthetic import tiny_stores
 from vlmixer.trainer.checkpoint import latest_checkpoint, load_checkpoint
-from vlmixer.trainer.synthetic import tiny_stores
 
 REPO = Path(__file__).resolve().parents[1]
 

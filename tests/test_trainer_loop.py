@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from vlmixer.errors import ConfigError
+from vlmixer.storage.synthetic import tiny_stores
 from vlmixer.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from vlmixer.trainer.loop import TrainingDiverged, load_train_config, train
-from vlmixer.trainer.synthetic import tiny_stores
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "pretrain" / "tiny.yaml"
 

@@ -10,10 +10,10 @@ from PIL import Image
 
 from vlmixer.cli import main
 from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.synthetic import CONCEPTS, random_sentences, write_gallery, write_text_store, write_vocab
 from vlmixer.storage.textstore import TextStoreReader
 from vlmixer.trainer.cmc import CrossModalCutMix
 from vlmixer.trainer.data import TextCorpus, ValpDataset, WordPieceVocab
-from vlmixer.trainer.synthetic import CONCEPTS, random_sentences, write_gallery, write_text_store, write_vocab
 
 
 @pytest.fixture(scope="module")

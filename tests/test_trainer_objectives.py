@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from vlmixer.storage.gallery import GalleryReader
+from vlmixer.storage.synthetic import CONCEPTS, write_gallery, write_vocab
 from vlmixer.trainer.config import ModelConfig, ObjectiveConfig
 from vlmixer.trainer.data import TavpDataset, WordPieceVocab, collate, concept_wordpieces
 from vlmixer.trainer.masking import IGNORE
 from vlmixer.trainer.model import VLMixerModel
 from vlmixer.trainer.objectives import Pretrainer
 from vlmixer.trainer.objectives.valp import cmcl_loss, mlm_loss
-from vlmixer.trainer.synthetic import CONCEPTS, write_gallery, write_vocab
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
              "max_position_embeddings": 64, "vocab_size": 0, "hidden_dropout_prob": 0.0,

@@ -35,10 +35,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-# Pillow's own bomb guard uses this module global; every decode sets it from the
+from vlmixer.pipeline.gallery.options import DECODE_MODES, DEFAULT_MAX_PIXELS
+
+# Pillow's own bomb guard uses a module global; every decode sets it from the
 # policy (see `_open`), and 0 or None would disable it, which we never allow.
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default: ~ 0.25 GiB of RGBA
-DECODE_MODES = ("standard", "reference")
 ODD_MODES = ("CMYK", "I;16", "I;16B", "I;16L", "I;16N", "I", "RGBA", "LA", "PA", "RGBa", "La", "YCbCr", "LAB", "HSV")
 
 

@@ -24,7 +24,8 @@ from typing import Any
 
 from vlmixer.errors import VlmixerError
 from vlmixer.pipeline import ray_session
-from vlmixer.pipeline.gallery.images import DECODE_MODES, DEFAULT_MAX_PIXELS, DecodePolicy
+from vlmixer.pipeline.gallery.images import DecodePolicy
+from vlmixer.pipeline.gallery.options import DECODE_MODES, BuildOptions
 from vlmixer.pipeline.gallery.sources import ImageItem, Shard, keys_digest, make_shards, read_source
 from vlmixer.pipeline.gallery.work import (
     BatchPiece,
@@ -34,56 +35,9 @@ from vlmixer.pipeline.gallery.work import (
     decode_batch,
     failure_piece,
 )
+from vlmixer.storage.finalize_budget import MIN_FINALIZE_MEMORY_MB
 
 EXIT_SOME_FAILED = 3
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """Every knob of a build; the CLI fills it, tests and the bench construct it directly."""
-
-    images: str
-    detector: str
-    out: str
-    weights: str | None = None
-    image_root: str | None = None
-    labelmap: str | None = None
-    vocab: str | None = None
-    ray_address: str = "local"  # "local" (start Ray here), "auto", an address, or "none" (no Ray)
-    num_cpus: int | None = None  # for a local Ray only
-    shard_size: int = 256
-    batch_size: int = 8
-    num_gpus_per_worker: float = 1.0
-    cpu_workers: int | None = None  # detector actors when the cluster has no GPU
-    threads: int | None = None  # torch threads of a CPU detector (in-process, or each CPU actor)
-    retry_failed: bool = False
-    seed: int = 0
-    device: str = "auto"  # in-process only; Ray actors use their GPU if they got one
-    strict_modes: bool = True  # CMYK/16-bit/alpha are failures; False converts them (--convert-modes)
-    decode: str = "standard"  # "standard" (EXIF orientation, alpha on white) or "reference" (as VinVL)
-    boxes: str | None = None  # annotation file: features at its boxes instead of detected ones
-    box_synonyms: bool = True  # map box categories to concepts through WordNet synonyms too
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_inflight_batches: int | None = None
-    progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise
-    max_listed: int = 50
-    # Python API only: builds the detector instead of `pipeline.detector.Detector.from_config`
-    # (must be importable where Ray runs it). Tests pass a double; users a custom detector.
-    detector_factory: Any = None
-
-    def policy(self) -> DecodePolicy:
-        return DecodePolicy(max_pixels=self.max_pixels, strict_modes=self.strict_modes, mode=self.decode)
-
-    def box_plan(self) -> BoxPlan | None:
-        """What detector workers need for `--boxes`; the vocabulary travels only when the user gave it."""
-        if self.boxes is None:
-            return None
-        concepts = None
-        if self.labelmap or self.vocab:
-            from vlmixer.storage.vocab import read_labelmap_json, read_vocab_txt
-
-            concepts = (read_labelmap_json(self.labelmap)[0] if self.labelmap else read_vocab_txt(self.vocab)).to_json()
-        return BoxPlan(path=str(Path(self.boxes).resolve()), concepts=concepts, synonyms=self.box_synonyms)
 
 
 @dataclass
@@ -169,6 +123,9 @@ def validate(opts: BuildOptions) -> None:
         raise VlmixerError("--ray-address must be auto, local, none or a Ray address")
     if opts.max_pixels < 1:
         raise VlmixerError("--max-pixels must be >= 1")
+    if opts.finalize_memory_mb < MIN_FINALIZE_MEMORY_MB:
+        raise VlmixerError(f"--finalize-memory-mb {opts.finalize_memory_mb}: finalize needs at least "
+                           f"{MIN_FINALIZE_MEMORY_MB} MB")
     if opts.decode not in DECODE_MODES:
         raise VlmixerError(f"--decode {opts.decode!r}: expected one of {', '.join(DECODE_MODES)}")
     if opts.boxes is not None and not Path(opts.boxes).is_file():
@@ -197,31 +154,12 @@ def _same_pixels_and_boxes(out: Path, opts: BuildOptions) -> None:
 
 
 def _existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
+    from vlmixer.storage.gallery_failures import failed_images
     from vlmixer.storage.gallery_writer import committed_shards, list_parts
 
     if not list_parts(out):
         return {}, []
-    return committed_shards(out), _failures(out)
-
-
-def _failures(out: Path) -> list[dict[str, str]]:
-    """Failed images of every part (key, path, reason, shard, part), without needing a manifest."""
-    import msgpack
-
-    from vlmixer.storage.gallery_writer import list_parts, open_part_readonly
-    from vlmixer.storage.lmdb_env import release_env
-
-    rows = []
-    for p in list_parts(out):
-        env = open_part_readonly(p)
-        try:
-            db = env.open_db(b"failed", create=False)
-            with env.begin(db=db) as txn:
-                for k, v in txn.cursor():
-                    rows.append({"key": bytes(k).decode(), **msgpack.unpackb(bytes(v)), "part": p.name})
-        finally:
-            release_env(env)
-    return sorted(rows, key=lambda r: r["key"])
+    return committed_shards(out), failed_images(out)
 
 
 def plan(opts: BuildOptions, items: Sequence[ImageItem], committed: dict[str, dict[str, Any]],
@@ -258,6 +196,22 @@ def plan(opts: BuildOptions, items: Sequence[ImageItem], committed: dict[str, di
                 raise VlmixerError(f"{opts.out}: failures recorded in {part}; this build writes part 0 only")
             todo.append(Shard(shard_id=f"r{attempt}-{origin}", items=tuple(sorted(group, key=lambda i: i.key))))
     return todo, skipped
+
+
+def _policy(opts: BuildOptions) -> DecodePolicy:
+    return DecodePolicy(max_pixels=opts.max_pixels, strict_modes=opts.strict_modes, mode=opts.decode)
+
+
+def _box_plan(opts: BuildOptions) -> BoxPlan | None:
+    """What detector workers need for `--boxes`; the vocabulary travels only when the user gave it."""
+    if opts.boxes is None:
+        return None
+    concepts = None
+    if opts.labelmap or opts.vocab:
+        from vlmixer.storage.vocab import read_labelmap_json, read_vocab_txt
+
+        concepts = (read_labelmap_json(opts.labelmap)[0] if opts.labelmap else read_vocab_txt(opts.vocab)).to_json()
+    return BoxPlan(path=str(Path(opts.boxes).resolve()), concepts=concepts, synonyms=opts.box_synonyms)
 
 
 def _batches(shard: Shard, size: int) -> list[tuple[ImageItem, ...]]:
@@ -371,7 +325,8 @@ class Progress:
 
 def build_gallery(opts: BuildOptions) -> BuildReport:
     """Plan, run the shards still to do, finalize; the CLI and the Python API are this function."""
-    from vlmixer.storage.gallery import finalize_gallery
+    from vlmixer.storage.gallery_failures import failed_images
+    from vlmixer.storage.gallery_finalize import finalize_gallery
 
     validate(opts)
     t0 = time.perf_counter()
@@ -392,9 +347,9 @@ def build_gallery(opts: BuildOptions) -> BuildReport:
                 _run_ray(opts, todo, progress, report)
         finally:
             progress.close()
-    manifest = finalize_gallery(out)
+    manifest = finalize_gallery(out, opts.finalize_memory_mb)
     report.gallery_images, report.gallery_patches = manifest["images"], manifest["patches"]
-    report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in _failures(out)]
+    report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in failed_images(out)]
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -414,7 +369,7 @@ def _extra(opts: BuildOptions, shard: Shard) -> dict[str, Any]:
 def _run_in_process(opts: BuildOptions, todo: list[Shard], progress: Progress, report: BuildReport) -> None:
     """The same callables as the Ray job, in a loop: for debugging and machines without Ray."""
     runner = DetectorRunner(opts.detector, opts.weights, opts.device, num_threads=opts.threads,
-                            factory=opts.detector_factory, boxes=opts.box_plan())
+                            factory=opts.detector_factory, boxes=_box_plan(opts))
     info = runner.info()
     concepts, attributes = _vocabularies(opts, info)
     committer = ShardCommitter(str(opts.out), info["feature_dim"], concepts, attributes,
@@ -425,7 +380,7 @@ def _run_in_process(opts: BuildOptions, todo: list[Shard], progress: Progress, r
         for shard in todo:
             pieces = []
             for chunk in _batches(shard, opts.batch_size):
-                piece = runner.run(decode_batch(chunk, opts.policy(), pre))
+                piece = runner.run(decode_batch(chunk, _policy(opts), pre))
                 progress.update(piece.summary())
                 pieces.append(piece)
             _record(report, committer.commit(shard.shard_id, shard.keys_sha256, _extra(opts, shard), *pieces))
@@ -487,7 +442,7 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
     try:
         n_actors, actor_opts, threads = _worker_plan(opts, ray.cluster_resources())
         det_cls = ray.remote(_RayDetector).options(max_restarts=2, max_task_retries=2, **actor_opts)
-        actors = [det_cls.remote(opts.detector, opts.weights, threads, opts.detector_factory, opts.box_plan())
+        actors = [det_cls.remote(opts.detector, opts.weights, threads, opts.detector_factory, _box_plan(opts))
                   for _ in range(n_actors)]
         info = ray_session.get(actors[0].info.remote(), "a detector worker")
         concepts, attributes = _vocabularies(opts, info)
@@ -504,7 +459,7 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
         report.mode, report.workers = f"ray {opts.ray_address}", n_actors
         window = opts.max_inflight_batches or 2 * n_actors + 2
         max_open = n_actors + 2
-        policy = opts.policy()
+        policy = _policy(opts)
 
         batches: Iterator[tuple[int, int, tuple[ImageItem, ...]]] = (
             (si, bi, chunk) for si, s in enumerate(todo) for bi, chunk in enumerate(_batches(s, opts.batch_size)))

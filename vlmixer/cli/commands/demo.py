@@ -24,7 +24,7 @@ def register(tree: CommandTree) -> None:
                    help="detector checkpoint (e.g. converted VinVL); without it the tiny detector has random "
                         "weights and labels are arbitrary")
     p.add_argument("--detector-config", default=None, metavar="CFG",
-                   help="the checkpoint's config, e.g. configs/detector/vinvl_x152c4.yaml (default: tiny.yaml)")
+                   help="the checkpoint's config, a file or bundled name, e.g. vinvl_x152c4 (default: tiny)")
     p.add_argument("--labelmap", default=None, metavar="JSON",
                    help="the checkpoint's label map (VG-SGG-dicts-vgoi6-clipped.json); needed with weights")
     p.add_argument("--ray-address", default="local", help="'local' (default), 'auto', or 'none' for no Ray")

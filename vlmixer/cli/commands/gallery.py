@@ -1,26 +1,31 @@
 """`vlmixer gallery build | show | finalize` (`gallery info` lives in stores.py).
 
 Thin wiring: arguments -> `pipeline.gallery` functions, which are the Python
-API too. Heavy imports happen inside the handlers.
+API too. The build's defaults come from `BuildOptions` (a light module);
+heavy imports happen inside the handlers.
 """
 from __future__ import annotations
 
 import argparse
 
 from vlmixer.cli import CommandTree
+from vlmixer.pipeline.gallery.options import DECODE_MODES, default
+from vlmixer.storage.finalize_budget import DEFAULT_FINALIZE_MEMORY_MB, MIN_FINALIZE_MEMORY_MB
 
 
 def _build(a: argparse.Namespace) -> int:
+    from vlmixer.config import resolve_config
     from vlmixer.pipeline.gallery.job import BuildOptions, build_gallery
 
     opts = BuildOptions(
-        images=a.images, detector=a.detector, out=a.out, weights=a.weights, image_root=a.image_root,
+        images=a.images, detector=str(resolve_config(a.detector, "detector")), out=a.out, weights=a.weights, image_root=a.image_root,
         labelmap=a.labelmap, vocab=a.vocab, ray_address=a.ray_address, num_cpus=a.num_cpus,
         shard_size=a.shard_size, batch_size=a.batch_size, num_gpus_per_worker=a.num_gpus_per_worker,
         cpu_workers=a.cpu_workers, threads=a.threads, retry_failed=a.retry_failed, seed=a.seed, device=a.device,
         strict_modes=not a.convert_modes, max_pixels=a.max_pixels, decode=a.decode, boxes=a.boxes,
         box_synonyms=a.box_synonyms == "wordnet",
         progress=False if a.no_progress else None, max_listed=a.max_listed,
+        finalize_memory_mb=a.finalize_memory_mb,
     )
     report = build_gallery(opts)
     print(report.summary(opts.max_listed))
@@ -38,9 +43,9 @@ def _show(a: argparse.Namespace) -> int:
 
 
 def _finalize(a: argparse.Namespace) -> int:
-    from vlmixer.storage.gallery import finalize_gallery
+    from vlmixer.storage.gallery_finalize import finalize_gallery
 
-    m = finalize_gallery(a.gallery)
+    m = finalize_gallery(a.gallery, a.memory_mb)
     print(f"{a.gallery}: index rebuilt: {m['images']} images, {m['patches']} patches, {m['failed']} failed")
     return 0
 
@@ -49,42 +54,47 @@ def register(tree: CommandTree) -> None:
     p = tree.subcommand(
         "gallery", "build", _build,
         help="detect regions in an image collection and write an LMDB patch gallery (Ray, resumable)",
-        example="vlmixer gallery build --images coco/val2014 --detector configs/detector/tiny.yaml "
+        example="vlmixer gallery build --images coco/val2014 --detector tiny "
                 "--labelmap labelmap.json --out gallery --ray-address local")
     p.add_argument("--images", required=True, metavar="SRC",
                    help="a folder of images, a .txt list of paths (or key<TAB>path), or a COCO/VG json")
     p.add_argument("--image-root", metavar="DIR",
                    help="where relative paths of a list file or json point (default: its directory)")
-    p.add_argument("--detector", required=True, metavar="CONFIG", help="detector config yaml")
+    p.add_argument("--detector", required=True, metavar="CONFIG", help="detector config: a yaml file or a bundled name (vinvl_x152c4, butd_r101c4, tiny)")
     p.add_argument("--weights", metavar="CKPT", help="detector checkpoint (default: random weights, tests only)")
     p.add_argument("--labelmap", metavar="JSON",
                    help="VinVL-style label map naming the classes/attributes, when the detector does not")
     p.add_argument("--vocab", metavar="TXT", help="concept vocabulary file (one class per line), instead of --labelmap")
     p.add_argument("--out", required=True, metavar="GALLERY", help="gallery directory (resumed if it exists)")
-    p.add_argument("--ray-address", default="local", metavar="ADDR",
-                   help="'local' starts Ray here (default), 'auto' joins the running cluster, an address "
-                        "joins that one, 'none' runs in this process without Ray")
-    p.add_argument("--num-cpus", type=int, metavar="N", help="CPUs for a local Ray (default: all)")
-    p.add_argument("--shard-size", type=int, default=256, metavar="N",
-                   help="images per shard, the unit of commit and resume (default 256); keep it when resuming")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="images per detector batch (default 8)")
-    p.add_argument("--num-gpus-per-worker", type=float, default=1.0, metavar="G",
-                   help="GPUs per detector actor (default 1; 0.5 puts two on a GPU; 0 forces CPU actors)")
-    p.add_argument("--cpu-workers", type=int, metavar="N",
+    p.add_argument("--ray-address", default=default("ray_address"), metavar="ADDR",
+                   help="'local' starts Ray here, 'auto' joins the running cluster, an address "
+                        "joins that one, 'none' runs in this process without Ray (default %(default)s)")
+    p.add_argument("--num-cpus", type=int, default=default("num_cpus"), metavar="N",
+                   help="CPUs for a local Ray (default: all)")
+    p.add_argument("--shard-size", type=int, default=default("shard_size"), metavar="N",
+                   help="images per shard, the unit of commit and resume (default %(default)s); "
+                        "keep it when resuming")
+    p.add_argument("--batch-size", type=int, default=default("batch_size"), metavar="B",
+                   help="images per detector batch (default %(default)s)")
+    p.add_argument("--num-gpus-per-worker", type=float, default=default("num_gpus_per_worker"), metavar="G",
+                   help="GPUs per detector actor (default %(default)s; 0.5 puts two on a GPU; 0 forces CPU actors)")
+    p.add_argument("--cpu-workers", type=int, default=default("cpu_workers"), metavar="N",
                    help="detector actors when there is no GPU (default: one per CPU, 2 threads each above 8 CPUs)")
-    p.add_argument("--threads", type=int, metavar="N",
+    p.add_argument("--threads", type=int, default=default("threads"), metavar="N",
                    help="torch threads of a CPU detector (in-process, or each CPU actor); "
                         "default: torch's own in-process, 1-2 per actor")
     p.add_argument("--retry-failed", action="store_true",
                    help="also re-run the images recorded as failed by earlier runs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the shard assignment (default 0)")
-    p.add_argument("--device", default="auto", help="device with --ray-address none: auto, cpu, cuda[:N]")
+    p.add_argument("--seed", type=int, default=default("seed"),
+                   help="seed of the shard assignment (default %(default)s)")
+    p.add_argument("--device", default=default("device"),
+                   help="device with --ray-address none: auto, cpu, cuda[:N] (default %(default)s)")
     p.add_argument("--convert-modes", action="store_true",
                    help="convert CMYK, 16-bit and alpha images to RGB (listed as converted) instead of "
                         "recording them as failed")
-    p.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
-                   help="larger images are refused as decompression bombs (default: Pillow's 89,478,485)")
-    p.add_argument("--decode", choices=["standard", "reference"], default="standard",
+    p.add_argument("--max-pixels", type=int, default=default("max_pixels"), metavar="N",
+                   help="larger images are refused as decompression bombs (default: Pillow's %(default)s)")
+    p.add_argument("--decode", choices=list(DECODE_MODES), default=default("decode"),
                    help="standard: EXIF orientation, alpha on white (default); reference: as VinVL's extractor, "
                         "Image.open().convert('RGB'), no EXIF rotation (recorded in the provenance)")
     p.add_argument("--boxes", metavar="ANNOTATIONS",
@@ -92,9 +102,12 @@ def register(tree: CommandTree) -> None:
                         "objects json, or jsonl {image, boxes:[[x1,y1,x2,y2]], labels:[...]}; the category maps "
                         "to a concept by name, variant or WordNet synonym; confidence 1.0")
     p.add_argument("--box-synonyms", choices=["wordnet", "off"], default="wordnet",
-                   help="map --boxes categories through WordNet synonyms too (default wordnet)")
-    p.add_argument("--max-listed", type=int, default=50, metavar="N", help="failures listed in the summary")
+                   help="map --boxes categories through WordNet synonyms too (default %(default)s)")
+    p.add_argument("--max-listed", type=int, default=default("max_listed"), metavar="N",
+                   help="failures listed in the summary (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    p.add_argument("--finalize-memory-mb", type=int, default=default("finalize_memory_mb"), metavar="MB",
+                   help="peak memory of the finalize step; larger galleries sort on disk (default %(default)s)")
 
     s = tree.subcommand(
         "gallery", "show", _show,
@@ -113,4 +126,7 @@ def register(tree: CommandTree) -> None:
         help="rebuild a gallery's concept index and manifest from its committed shards",
         example="vlmixer gallery finalize gallery")
     f.add_argument("gallery", help="gallery directory")
+    f.add_argument("--memory-mb", type=int, default=DEFAULT_FINALIZE_MEMORY_MB, metavar="MB",
+                   help="peak memory: the concept index is sorted on disk in runs that fit it, so any "
+                        f"gallery size finalizes within it (default %(default)s, at least {MIN_FINALIZE_MEMORY_MB})")
 

@@ -20,11 +20,12 @@ def register(tree: CommandTree) -> None:
         "train", _train,
         help="Pre-train VLMixer (VALP with Cross-Modal CutMix, TAVP) from a gallery and text stores; "
              "run under torchrun for several processes/GPUs.",
-        example="vlmixer train --config configs/pretrain/tiny.yaml data.gallery=G data.text_stores=[T] "
+        example="vlmixer train --config pretrain/tiny data.gallery=G data.text_stores=[T] "
                 "run.out_dir=runs/tiny\n  torchrun --nproc_per_node 8 -m vlmixer train --config "
-                "configs/pretrain/vlmixer_base.yaml ... --resume",
+                "vlmixer_base ... --resume",
     )
-    p.add_argument("--config", required=True, help="YAML config (see trainer/config.py for every key)")
+    p.add_argument("--config", required=True,
+                   help="YAML config file or bundled name (vlmixer config list); every key: trainer/config.py")
     p.add_argument("--resume", action="store_true",
                    help="continue exactly from the latest checkpoint in run.out_dir")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=1e-4")

@@ -1,14 +1,17 @@
-"""Tiny synthetic stores with known contents, written through the real storage writers.
+"""Tiny stores with known contents, written through the real storage writers: the one set of
+builders for tests, benchmarks and smoke runs.
 
-Tests, `bench/cmc.py` and CPU smoke runs need a gallery and a text store in
-seconds without a detector or spaCy. Features carry a per-concept signal
-plus noise, so a model can learn that a patch of "dog" means the word "dog"
-(the tiny end-to-end run's loss must go down for a reason).
+They need a gallery and a text store in seconds without a detector or spaCy. Two kinds:
+random stores (`random_images`, `random_rows`: every field exercised, for round-trip tests of
+the formats) and meaningful ones (`write_gallery`, `write_text_store`, `tiny_stores`,
+`paired_stores`), whose features carry a per-concept signal plus noise, so a model can learn
+that a patch of "dog" means the word "dog" (a tiny training run's loss goes down for a reason).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,18 +20,90 @@ from vlmixer.storage.gallery_writer import GalleryWriter
 from vlmixer.storage.textstore import TextStoreWriter
 from vlmixer.storage.vocab import Vocabulary
 
-# overrides that shrink any configs/pretrain/*.yaml to a CPU smoke run on `tiny_stores`/`paired_stores`
-# (feature_dim 64): a 2-layer 64-wide random BERT, batch 16, short inputs, a higher LR with a short
-# warmup (contrastive terms of a random-init model sit on a plateau for tens of steps at 1e-3).
-# Objective settings (queues, momentum) are the config's: scale queues to a tiny store yourself.
-TINY_OVERRIDES = [
-    "model.pretrained=", "model.bert={hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 2, "
-    "intermediate_size: 128, max_position_embeddings: 128, vocab_size: 0}",
-    "model.feature_dim=64", "model.proj_dim=32", "optim.lr=3.0e-3", "optim.batch_size=16", "optim.warmup_steps=5",
-    "run.device=cpu", "run.precision=fp32", "run.progress=false", "run.ckpt_every=1000", "run.log_every=1",
-    "data.num_workers=0", "data.max_len_tavp=48", "data.max_tag_tokens=16", "data.max_caption_tokens=24",
-    "data.max_patches=8", "cmc.k_shot=4",
-]
+TINY_CONCEPTS = Vocabulary(names=("dog", "cat", "man", "traffic light", "car"),
+                           variants=(("dog",), ("cat", "kitty"), ("man",), ("traffic light",), ("car", "auto")))
+TINY_ATTRS = Vocabulary(names=("red", "small", "wooden"))
+TINY_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "the", "dog", "cat", "man", "traffic",
+              "light", "car", "runs", "sits", "near", "##s", "on", "street", "red"]
+
+
+def random_images(seed: int, n_images: int, dim: int, n_concepts: int = 5, key_prefix: str = "img"
+                  ) -> list[dict[str, Any]]:
+    """Deterministic image dicts for GalleryWriter.add_image (patch counts 0..6)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n_images):
+        n = int(rng.integers(0, 7))
+        w, h = int(rng.integers(50, 400)), int(rng.integers(50, 400))
+        x1 = rng.uniform(0, w / 2, n)
+        y1 = rng.uniform(0, h / 2, n)
+        boxes = np.stack([x1, y1, x1 + rng.uniform(1, w / 2, n), y1 + rng.uniform(1, h / 2, n)], 1)
+        k = int(rng.integers(0, 4))
+        out.append(dict(
+            key=f"{key_prefix}-{seed}-{i}", path=f"/data/{key_prefix}/{seed}/{i}.jpg", width=w, height=h,
+            boxes=boxes.astype(np.float32),
+            features=rng.standard_normal((n, dim)).astype(np.float32) * 3,
+            concepts=rng.integers(0, n_concepts, n),
+            confidences=rng.uniform(0.2, 1.0, n).astype(np.float32),
+            attr_ids=rng.integers(0, 3, (n, k)) if k else None,
+            attr_scores=rng.uniform(0.05, 1, (n, k)).astype(np.float32) if k else None,
+        ))
+    return out
+
+
+def build_gallery(root: str | Path, shards: Mapping[int | str, Sequence[dict]], dim: int = 32, parts: int = 1,
+                  concepts: Vocabulary = TINY_CONCEPTS, attributes: Vocabulary | None = TINY_ATTRS,
+                  provenance: Mapping[str, Any] | None = None, map_size: int = 1 << 24) -> Path:
+    """Write shards (image dicts of `GalleryWriter.add_image`) round-robin over `parts` writers, then
+    finalize. Integer shard ids are named `shard-NNNN`."""
+    root = Path(root)
+    writers = [GalleryWriter(root, part=p, feature_dim=dim, concepts=concepts, attributes=attributes,
+                             provenance={"test": True} if provenance is None else dict(provenance),
+                             map_size=map_size) for p in range(parts)]
+    for j, (sid, images) in enumerate(sorted(shards.items())):
+        with writers[j % parts].shard(sid if isinstance(sid, str) else f"shard-{sid:04d}") as s:
+            for im in images:
+                s.add_image(**im)
+    for w in writers:
+        w.close()
+    finalize_gallery(root)
+    return root
+
+
+def random_rows(seed: int, n: int, n_concepts: int = 5, vocab_size: int = len(TINY_WORDS)
+                ) -> list[dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        words = [str(w) for w in rng.choice(["a", "dog", "sits", "near", "café", "the", "man", "🙂"],
+                                            int(rng.integers(1, 9)))]
+        text = " ".join(words)
+        m = int(rng.integers(1, 12))
+        tokens = rng.integers(5, vocab_size, m)
+        tc = np.sort(rng.integers(0, len(text) + 1, (m, 2)), axis=1)
+        spans = []
+        for _ in range(int(rng.integers(0, 3))):
+            a = int(rng.integers(0, m))
+            b = int(rng.integers(a + 1, m + 1))
+            c0 = int(rng.integers(0, len(text)))
+            spans.append((c0, int(rng.integers(c0 + 1, len(text) + 1)), a, b, int(rng.integers(0, n_concepts))))
+        out.append(dict(id=f"s{seed}-{i}", text=text, tokens=tokens, token_chars=tc, spans=spans,
+                        image_key=f"img-{i}" if i % 2 else ""))
+    return out
+
+
+def build_text_store(root: str | Path, vocab_file: str | Path, shards: Mapping[str, Sequence[dict]],
+                     concepts: Vocabulary = TINY_CONCEPTS, tokenizer_name: str = "tiny-test") -> Path:
+    """Write rows (dicts of `TextStoreWriter.write_shard`) shard by shard, then finalize."""
+    root = Path(root)
+    w = TextStoreWriter(root, concepts=concepts, tokenizer_name=tokenizer_name, vocab_file=vocab_file,
+                        provenance={"test": True})
+    for name, sents in sorted(shards.items()):
+        w.write_shard(name, sents, stats={"lines": len(sents)})
+    w.finalize()
+    return root
+
+
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CONCEPTS = ["dog", "cat", "ball", "tree", "car", "traffic light", "man", "frisbee", "bench", "zebra"]
 WORDS = ["a", "the", "runs", "with", "near", "in", "park", "sits", "on", "street", "and", "next", "to", "big",
@@ -58,27 +133,24 @@ def concept_signal(n_concepts: int, dim: int, seed: int = 1234) -> np.ndarray:
 def write_gallery(root: str | Path, concepts: Sequence[str], images: Sequence[Sequence[tuple[int, float]]], *,
                   feature_dim: int = 2048, seed: int = 0, size: tuple[int, int] = (640, 480),
                   paths: Sequence[str] | None = None, noise: float = 0.5) -> Path:
-    """One part, one shard; image i has patches [(concept, confidence), ...] with random boxes."""
-    root = Path(root)
+    """One part, one shard; image `imgI` has patches [(concept, confidence), ...] with random boxes."""
     rng = np.random.default_rng(seed)
     sig = concept_signal(len(concepts), feature_dim)
     w, h = size
-    vocab = Vocabulary(names=tuple(concepts))
-    writer = GalleryWriter(root, part=0, feature_dim=feature_dim, concepts=vocab, map_size=1 << 26)
-    with writer.shard("s0") as s:
-        for i, patches in enumerate(images):
-            n = len(patches)
-            c = np.array([p[0] for p in patches], dtype=np.int64).reshape(n)
-            conf = np.array([p[1] for p in patches], dtype=np.float32).reshape(n)
-            x1 = rng.uniform(0, w * 0.6, n)
-            y1 = rng.uniform(0, h * 0.6, n)
-            boxes = np.stack([x1, y1, x1 + rng.uniform(8, w * 0.4, n), y1 + rng.uniform(8, h * 0.4, n)], 1)
-            feats = sig[c] + noise * rng.standard_normal((n, feature_dim)).astype(np.float32)
-            path = paths[i] if paths is not None else f"/nonexistent/img{i}.jpg"
-            s.add_image(f"img{i}", path, w, h, boxes.reshape(n, 4), feats.reshape(n, feature_dim), c, conf)
-    writer.close()
-    finalize_gallery(root)
-    return root
+    dicts = []
+    for i, patches in enumerate(images):
+        n = len(patches)
+        c = np.array([p[0] for p in patches], dtype=np.int64).reshape(n)
+        conf = np.array([p[1] for p in patches], dtype=np.float32).reshape(n)
+        x1 = rng.uniform(0, w * 0.6, n)
+        y1 = rng.uniform(0, h * 0.6, n)
+        boxes = np.stack([x1, y1, x1 + rng.uniform(8, w * 0.4, n), y1 + rng.uniform(8, h * 0.4, n)], 1)
+        feats = sig[c] + noise * rng.standard_normal((n, feature_dim)).astype(np.float32)
+        dicts.append(dict(key=f"img{i}", path=paths[i] if paths is not None else f"/nonexistent/img{i}.jpg",
+                          width=w, height=h, boxes=boxes.reshape(n, 4), features=feats.reshape(n, feature_dim),
+                          concepts=c, confidences=conf))
+    return build_gallery(root, {"s0": dicts}, dim=feature_dim, concepts=Vocabulary(names=tuple(concepts)),
+                         attributes=None, provenance={}, map_size=1 << 26)
 
 
 def write_text_store(root: str | Path, concepts: Sequence[str], vocab_file: str | Path,
@@ -90,8 +162,6 @@ def write_text_store(root: str | Path, concepts: Sequence[str], vocab_file: str 
     from tokenizers import BertWordPieceTokenizer
 
     tok = BertWordPieceTokenizer(str(vocab_file), lowercase=True)
-    writer = TextStoreWriter(root, concepts=Vocabulary(names=tuple(concepts)), tokenizer_name="synthetic",
-                             vocab_file=vocab_file)
     rows = []
     for i, (text, grounded) in enumerate(sentences):
         enc = tok.encode(text, add_special_tokens=False)
@@ -103,10 +173,9 @@ def write_text_store(root: str | Path, concepts: Sequence[str], vocab_file: str 
         rows.append({"id": f"s{i}", "text": text, "tokens": enc.ids, "token_chars": offs, "spans": spans,
                      "image_key": image_keys[i] if image_keys is not None else ""})
     step = shard_size or len(rows) or 1
-    for k in range(0, max(len(rows), 1), step):
-        writer.write_shard(f"shard{k // step:05d}", rows[k: k + step])
-    writer.finalize()
-    return Path(root)
+    shards = {f"shard{k // step:05d}": rows[k: k + step] for k in range(0, max(len(rows), 1), step)}
+    return build_text_store(root, vocab_file, shards, concepts=Vocabulary(names=tuple(concepts)),
+                            tokenizer_name="synthetic")
 
 
 def random_sentences(n: int, concepts: Sequence[str] = CONCEPTS, seed: int = 0,
