@@ -5,7 +5,9 @@
   default), for peaked scores (trained-like: sparse strategy) and
   near-uniform scores (random-weight-like: dense strategy).
 * detector: images/s of a config with random weights on scikit-image photos
-  resized to a fixed size, in batches, on a device (prints the device name).
+  resized to a fixed size, in batches, on a device (prints the device name);
+  `--mixed` gives each image another size (the batch pads and masks each
+  image to its own extent, so results equal the image alone: what that costs).
 """
 from __future__ import annotations
 
@@ -64,7 +66,7 @@ def bench_selection(n: int = 300, classes: int = 1595, repeats: int = 3, device:
     return rows
 
 
-def photos(n: int, size: tuple[int, int]) -> list[np.ndarray]:
+def photos(n: int, size: tuple[int, int], mixed: bool = False) -> list[np.ndarray]:
     """Real photos shipped with scikit-image, resized to `size` (random weights calibrated on
     photo-like input behave like a detector on photos; on noise they degenerate)."""
     import skimage.data
@@ -76,18 +78,22 @@ def photos(n: int, size: tuple[int, int]) -> list[np.ndarray]:
         img = getattr(skimage.data, names[i % len(names)])()
         if img.ndim == 2:
             img = np.stack([img] * 3, axis=-1)
-        out.append(np.asarray(Image.fromarray(img[..., :3]).resize((size[1], size[0]), Image.BILINEAR)))
+        h, w = size
+        if mixed:  # aspect ratios 0.75 .. 1.0 of the given shape, no two alike in a batch
+            h = int(h * (1.0 - 0.25 * (i % 4) / 3)) - (i % 3)
+        out.append(np.asarray(Image.fromarray(img[..., :3]).resize((w, h), Image.BILINEAR)))
     return out
 
 
 def bench_detector(config: str, device: str = "cpu", batch: int = 4, n_images: int = 8,
-                   size: tuple[int, int] = (600, 1000), overrides: Sequence[str] = ()) -> dict[str, Any]:
+                   size: tuple[int, int] = (600, 1000), overrides: Sequence[str] = (),
+                   mixed: bool = False) -> dict[str, Any]:
     from vlmixer.pipeline.detector import Detector
 
     t0 = time.perf_counter()
     det = Detector.from_config(config, device=device, overrides=list(overrides) + [f"VLMIXER.BATCH_SIZE={batch}"])
     build_s = time.perf_counter() - t0
-    images = photos(n_images, size)
+    images = photos(n_images, size, mixed)
     items = [(*det.preprocess(im), im.shape[:2]) for im in images]
     det.detect_preprocessed(items[:batch])  # warm-up
     if device.startswith("cuda"):
@@ -101,7 +107,7 @@ def bench_detector(config: str, device: str = "cpu", batch: int = 4, n_images: i
     dt = time.perf_counter() - t
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     return {"config": config, "device": name, "batch": batch, "images": n_images, "input": list(size),
-            "resized": list(items[0][0].shape[1:]), "build_s": round(build_s, 1),
+            "resized": sorted({tuple(it[0].shape[1:]) for it in items}), "build_s": round(build_s, 1),
             "seconds_per_image": round(dt / n_images, 3), "images_per_s": round(n_images / dt, 2),
             "boxes_per_image": round(boxes / n_images, 1), "amp": det.cfg.VLMIXER.AMP}
 
@@ -121,12 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     d.add_argument("--images", type=int, default=8)
     d.add_argument("--size", type=int, nargs=2, default=[600, 1000], metavar=("H", "W"))
     d.add_argument("--override", action="append", default=[])
+    d.add_argument("--mixed", action="store_true", help="a different size per image (padding + masking)")
     a = p.parse_args(argv)
     if a.what == "selection":
         for row in bench_selection(a.proposals, a.classes, device=a.device):
             print(json.dumps(row))
     else:
-        print(json.dumps(bench_detector(a.config, a.device, a.batch, a.images, tuple(a.size), a.override)))
+        print(json.dumps(bench_detector(a.config, a.device, a.batch, a.images, tuple(a.size), a.override,
+                                        a.mixed)))
     return 0
 
 

@@ -41,6 +41,7 @@ class Detections:
     attr_ids: np.ndarray  # (n,K) int64, 0-based attribute ids, -1 padded
     attr_scores: np.ndarray  # (n,K) float32, 0 where padded
     image_size: tuple[int, int]  # (height, width) of the original image
+    empty_reason: str | None = None  # why there is no box, when there is none
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
@@ -59,14 +60,57 @@ def resized_size(height: int, width: int, min_size: int, max_size: int) -> tuple
     return max(int(size), 1), max(int(size * width / height), 1)
 
 
-def preprocess_image(image_rgb: np.ndarray, min_size: int, max_size: int) -> tuple[torch.Tensor, float]:
-    """HxWx3 uint8 RGB -> ((3,h,w) uint8 BGR tensor, scale h/H), resized like maskrcnn-benchmark
-    (PIL bilinear). CPU only and model-free, so Ray CPU tasks can run it; the tensor is uint8
-    to keep object-store traffic small. Pass the original (H, W) along to
+def caffe_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """py-faster-rcnn's test scale (bottom-up attention's `get_image_blob`): shorter side to
+    `min_size` unless the rounded longer side would pass `max_size`."""
+    lo, hi = min(height, width), max(height, width)
+    scale = float(min_size) / float(lo)
+    if max_size > 0 and round(scale * hi) > max_size:
+        scale = float(max_size) / float(hi)
+    return scale
+
+
+def caffe_resize(arr: np.ndarray, scale: float) -> torch.Tensor:
+    """HxWxC -> (C, h, w) float32 resized by `scale` as OpenCV's `cv2.resize(fx=fy=scale,
+    INTER_LINEAR)` on a float image: output size rounded, source x = (x + 0.5) / scale - 0.5,
+    two-tap linear weights, edges replicated, no antialiasing (unlike PIL's bilinear)."""
+    src = torch.from_numpy(np.ascontiguousarray(arr)).float().permute(2, 0, 1)
+    h0, w0 = src.shape[1:]
+    h, w = max(int(round(h0 * scale)), 1), max(int(round(w0 * scale)), 1)
+
+    def taps(n_out: int, n_in: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pos = (torch.arange(n_out, dtype=torch.float64) + 0.5) / scale - 0.5
+        i0 = torch.floor(pos)
+        frac = pos - i0
+        i0 = i0.long()
+        frac = torch.where(i0 < 0, torch.zeros_like(frac), frac)
+        i0 = i0.clamp(min=0)
+        frac = torch.where(i0 >= n_in - 1, torch.zeros_like(frac), frac)
+        i0 = i0.clamp(max=n_in - 1)
+        return i0, (i0 + 1).clamp(max=n_in - 1), frac.float()
+
+    x0, x1, fx = taps(w, w0)
+    y0, y1, fy = taps(h, h0)
+    rows = src[:, :, x0] * (1 - fx) + src[:, :, x1] * fx  # horizontal pass first, as OpenCV
+    return rows[:, y0, :] * (1 - fy)[:, None] + rows[:, y1, :] * fy[:, None]
+
+
+def preprocess_image(image_rgb: np.ndarray, min_size: int, max_size: int,
+                     rule: str = "maskrcnn") -> tuple[torch.Tensor, float]:
+    """HxWx3 uint8 RGB -> ((3,h,w) BGR tensor, scale), resized by the reference's rule. CPU only and
+    model-free, so Ray CPU tasks can run it. Pass the original (H, W) along to
     `Detector.detect_preprocessed` for boxes in exact original pixels.
+
+    `rule` "maskrcnn" (VinVL): maskrcnn-benchmark's sizes with PIL bilinear as torchvision does on
+    PIL images; uint8 (small object-store traffic); scale h/H. "caffe" (bottom-up attention):
+    py-faster-rcnn's scale and OpenCV's linear resize on the float image (`caffe_resize`);
+    float32; the scale is that factor, by which the reference divides boxes back.
     """
     arr = _check_image(image_rgb)
     h0, w0 = arr.shape[:2]
+    if rule == "caffe":
+        scale = caffe_scale(h0, w0, min_size, max_size)
+        return caffe_resize(arr[:, :, ::-1], scale), scale
     h, w = resized_size(h0, w0, min_size, max_size)
     if (h, w) != (h0, w0):
         arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.BILINEAR))
@@ -94,7 +138,7 @@ class Detector:
         self.batch_size = int(cfg.VLMIXER.BATCH_SIZE)
         self._mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, dtype=torch.float32, device=device).view(3, 1, 1)
         self._std = torch.tensor(cfg.MODEL.PIXEL_STD, dtype=torch.float32, device=device).view(3, 1, 1)
-        self._masker = PadMasker()
+        self._masker = PadMasker(str(cfg.VLMIXER.STEM_POOL))
         self._masker.attach(model.backbone, model.proposal_generator.rpn_head)
 
     # ------------------------------------------------------------------ construction
@@ -158,6 +202,12 @@ class Detector:
                 "rpn_post_nms_topk": int(cfg.MODEL.RPN.POST_NMS_TOPK_TEST),
                 "min_size": int(cfg.INPUT.MIN_SIZE_TEST),
                 "max_size": int(cfg.INPUT.MAX_SIZE_TEST),
+                "resize": str(cfg.VLMIXER.RESIZE),
+                "size_divisibility": int(cfg.VLMIXER.SIZE_DIVISIBILITY),
+                "nms_iou": str(cfg.VLMIXER.NMS_IOU),
+                "nms_suppress_equal": bool(cfg.VLMIXER.NMS_SUPPRESS_EQUAL),
+                "min_box_pixels": float(cfg.VLMIXER.MIN_BOX_PIXELS),
+                "label": str(cfg.VLMIXER.SELECTION.LABEL),
             },
         }
         det = cls(cfg=cfg, model=model, device=dev, provenance=provenance, concepts=concepts, attributes=attributes)
@@ -185,7 +235,8 @@ class Detector:
 
         See `preprocess_image` (the same without a model, for Ray CPU tasks).
         """
-        return preprocess_image(image_rgb, int(self.cfg.INPUT.MIN_SIZE_TEST), int(self.cfg.INPUT.MAX_SIZE_TEST))
+        return preprocess_image(image_rgb, int(self.cfg.INPUT.MIN_SIZE_TEST), int(self.cfg.INPUT.MAX_SIZE_TEST),
+                                str(self.cfg.VLMIXER.RESIZE))
 
     def __call__(self, images: list[np.ndarray]) -> list[Detections]:
         """Detect on HxWx3 uint8 RGB images, in batches of VLMIXER.BATCH_SIZE."""
@@ -204,7 +255,51 @@ class Detector:
         (tensor, scale, (orig_h, orig_w)) from `preprocess`."""
         if not items:
             return []
-        tensors, sizes = [], []
+        tensors, sizes, scales = self._unpack(items)
+        results = self._forward(tensors, [(int(t.shape[1]), int(t.shape[2])) for t in tensors], sizes, scales)
+        return self._to_detections(results, tensors, sizes, scales)
+
+    def detect_at_boxes(self, items: Sequence[Sequence[Any]], boxes: Sequence[np.ndarray],
+                        labels: Sequence[np.ndarray]) -> list[Detections]:
+        """Features and attributes at boxes the user gives (original-image pixels, x1 y1 x2 y2),
+        with their 0-based classes; confidence 1.0, order kept. `items` as `detect_preprocessed`.
+
+        Why: galleries with human-labelled concepts (COCO, Visual Genome) need the
+        features the head computes for exactly those boxes, as VinVL's and
+        bottom-up attention's given-box extraction do; no proposal, NMS or
+        selection runs.
+        """
+        if len(items) != len(boxes) or len(boxes) != len(labels):
+            raise VlmixerError("detect_at_boxes: items, boxes and labels differ in length")
+        if not items:
+            return []
+        tensors, sizes, scales = self._unpack(items)
+        net_boxes, net_labels = [], []
+        for (sy, sx), b, lab in zip(scales, boxes, labels):
+            b = np.asarray(b, dtype=np.float32).reshape(-1, 4)
+            lab = np.asarray(lab, dtype=np.int64).reshape(-1)
+            if b.shape[0] != lab.shape[0]:
+                raise VlmixerError(f"detect_at_boxes: {b.shape[0]} boxes but {lab.shape[0]} labels")
+            if lab.size and (lab.min() < 0 or lab.max() >= self.num_classes):
+                raise VlmixerError(f"detect_at_boxes: class ids must be in [0, {self.num_classes})")
+            nb = torch.from_numpy(b.copy())
+            nb[:, 0::2] *= sx
+            nb[:, 1::2] *= sy
+            net_boxes.append(nb)
+            net_labels.append(torch.from_numpy(lab.copy()))
+        results = self._forward(tensors, [(int(t.shape[1]), int(t.shape[2])) for t in tensors], sizes, scales,
+                                given=(net_boxes, net_labels))
+        dets = self._to_detections(results, tensors, sizes, scales)
+        for d, b in zip(dets, boxes):  # the user's boxes, exactly as given
+            d.boxes = np.asarray(b, dtype=np.float32).reshape(-1, 4).copy()
+        return dets
+
+    def _unpack(self, items: Sequence[Sequence[Any]]
+                ) -> tuple[list[torch.Tensor], list[tuple[int, int]], list[tuple[float, float]]]:
+        """Tensors, original (H, W) and (y, x) scales network/original: the preprocess scale under the
+        Caffe rule (the reference divides boxes by it), else the ratio of the sizes (maskrcnn-benchmark)."""
+        caffe = str(self.cfg.VLMIXER.RESIZE) == "caffe"
+        tensors, sizes, scales = [], [], []
         for it in items:
             if len(it) not in (2, 3):
                 raise VlmixerError("detect_preprocessed: items are (tensor, scale[, (height, width)])")
@@ -217,11 +312,16 @@ class Detector:
                 orig = (max(int(round(t.shape[1] / s)), 1), max(int(round(t.shape[2] / s)), 1))
             tensors.append(t)
             sizes.append(orig)
-        results = self._forward(tensors, [(int(t.shape[1]), int(t.shape[2])) for t in tensors])
+            scales.append((s, s) if caffe else (t.shape[1] / orig[0], t.shape[2] / orig[1]))
+        return tensors, sizes, scales
+
+    def _to_detections(self, results: list[Any], tensors: Sequence[torch.Tensor],
+                       sizes: Sequence[tuple[int, int]], scales: Sequence[tuple[float, float]]) -> list[Detections]:
         out = []
+        caffe = str(self.cfg.VLMIXER.RESIZE) == "caffe"
         # one device->host copy per field for the whole batch
-        for inst, t, orig in zip(results, tensors, sizes):
-            rh, rw = orig[0] / t.shape[1], orig[1] / t.shape[2]
+        for inst, t, orig, (sy, sx) in zip(results, tensors, sizes, scales):
+            rh, rw = (1.0 / sy, 1.0 / sx) if caffe else (orig[0] / t.shape[1], orig[1] / t.shape[2])
             boxes = inst.pred_boxes.tensor.float().cpu().clone()
             boxes[:, 0::2] *= rw
             boxes[:, 1::2] *= rh
@@ -235,18 +335,28 @@ class Detector:
                 attr_ids=inst.attr_ids.cpu().numpy().astype(np.int64),
                 attr_scores=inst.attr_scores.float().cpu().numpy().astype(np.float32),
                 image_size=orig,
+                empty_reason=None if len(boxes) else self._empty_reason(orig),
             ))
         return out
 
+    def _empty_reason(self, size: tuple[int, int]) -> str:
+        px = float(self.cfg.VLMIXER.MIN_BOX_PIXELS)
+        return (f"no boxes (every proposal is under the minimum box size of {px:g} px in this "
+                f"{size[1]}x{size[0]} image)")
+
     @torch.inference_mode()
-    def _forward(self, tensors: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]]) -> list[Any]:
-        from detectron2.structures import ImageList
+    def _forward(self, tensors: Sequence[torch.Tensor], sizes: Sequence[tuple[int, int]],
+                 originals: Sequence[tuple[int, int]] | None = None,
+                 scales: Sequence[tuple[float, float]] | None = None,
+                 given: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> list[Any]:
+        from detectron2.structures import Boxes, ImageList, Instances
 
         from vlmixer.pipeline.detector.model import padded_extent
 
         div = int(self.cfg.VLMIXER.SIZE_DIVISIBILITY)
         extents = [padded_extent(s, div) for s in sizes]
         fh, fw = max(e[0] for e in extents), max(e[1] for e in extents)
+        originals = list(originals) if originals is not None else list(sizes)
         batch = torch.zeros((len(tensors), 3, fh, fw), dtype=torch.float32, device=self.device)
         for i, t in enumerate(tensors):
             x = t.to(self.device, non_blocking=True).float()
@@ -254,17 +364,28 @@ class Detector:
         if self.device.type == "cuda" and self.cfg.VLMIXER.CHANNELS_LAST:
             batch = batch.contiguous(memory_format=torch.channels_last)
         images = ImageList(batch, [tuple(s) for s in sizes])
-        self._masker.set(extents, (fh, fw))
+        images.vlmixer_extents = self._masker.set(extents, (fh, fw))
+        images.vlmixer_scales = (list(scales) if scales is not None
+                                 else [(s[0] / o[0], s[1] / o[1]) for s, o in zip(sizes, originals)])
+        images.vlmixer_original_sizes = [tuple(o) for o in originals]
         amp = self.cfg.VLMIXER.AMP
         use_amp = self.device.type == "cuda" and amp != "none"
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
         try:
             with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=use_amp):
                 feats = self.model.backbone(images.tensor)
-                proposals, _ = self.model.proposal_generator(images, feats, None)
-                results, _ = self.model.roi_heads(images, feats, proposals, None)
+                if given is None:
+                    proposals, _ = self.model.proposal_generator(images, feats, None)
+                    results, _ = self.model.roi_heads(images, feats, proposals, None)
+                else:
+                    proposals = []
+                    for s, b in zip(sizes, given[0]):
+                        inst = Instances(tuple(s))
+                        inst.proposal_boxes = Boxes(b.to(self.device))
+                        proposals.append(inst)
+                    results, _ = self.model.roi_heads(images, feats, proposals, None, given_labels=given[1])
         finally:
-            self._masker.set(None, (0, 0))
+            self._masker.clear()
         return results
 
 

@@ -32,14 +32,43 @@ def add_vlmixer_config(cfg: Any) -> None:
     # "caffe" (3x3/2, pad 0, ceil mode; the Caffe bottom-up-attention model).
     cfg.VLMIXER.STEM_POOL = "pytorch"
     # maskrcnn-benchmark box conventions: anchors of Detectron's generate_anchors
-    # (centred at (stride-1)/2, +1 widths), +1 widths in RPN box decoding,
-    # clipping to (w-1, h-1) and +1 IoU in the RPN NMS and the box selection.
+    # (centred at (stride-1)/2, +1 widths), +1 widths in RPN box decoding and
+    # clipping to (w-1, h-1). false: detectron2's conventions.
     cfg.VLMIXER.LEGACY_BOXES = True
+    # End of a decoded box (with LEGACY_BOXES): "detectron" x2 = ctr + w/2 - 1
+    # (Detectron, maskrcnn-benchmark, VinVL) or "py_faster_rcnn" x2 = ctr + w/2
+    # (py-faster-rcnn, kept by the Caffe bottom-up attention model and its ports).
+    cfg.VLMIXER.BOX_DECODE = "detectron"
+    # IoU of the RPN NMS and the box selection: "plus_one" (areas and overlaps
+    # with +1 widths: maskrcnn-benchmark's kernels, as in the first release of
+    # VinVL's code, which produced the released features) or "torchvision"
+    # (exact areas: torchvision.ops.nms, which VinVL's later code calls).
+    cfg.VLMIXER.NMS_IOU = "plus_one"
+    # Suppress at IoU >= threshold (maskrcnn-benchmark's CPU kernel, which
+    # bottom-up-attention.pytorch runs) instead of IoU > threshold (its CUDA
+    # kernel and torchvision).
+    cfg.VLMIXER.NMS_SUPPRESS_EQUAL = False
+    # RPN order of bottom-up-attention.pytorch: decode every anchor, clip, drop
+    # empty boxes and boxes not larger than MODEL.PROPOSAL_GENERATOR.MIN_SIZE
+    # pixels of the original image, then the pre-NMS top-k. false:
+    # maskrcnn-benchmark's (top-k, decode, clip, MIN_SIZE in network pixels).
+    cfg.VLMIXER.RPN_FILTER_BEFORE_TOPK = False
+    # Proposals narrower or lower than this many pixels of the ORIGINAL image
+    # (scaled back and clipped, as the gallery stores boxes) are dropped before
+    # the box selection: a box of zero height is no picture. An image left with
+    # none gives no detections (the gallery records it with a reason).
+    cfg.VLMIXER.MIN_BOX_PIXELS = 1.0
     # eps of the frozen BatchNorm layers. maskrcnn-benchmark uses none (0.0);
     # detectron2 uses 1e-5.
     cfg.VLMIXER.FROZEN_BN_EPS = 0.0
-    # Images are padded to a multiple of this before the backbone.
-    cfg.VLMIXER.SIZE_DIVISIBILITY = 32
+    # An image alone is padded to a multiple of this (0: not padded, as VinVL's
+    # and bottom-up attention's extractors run); a batch gives each image
+    # exactly that result (model.PadMasker).
+    cfg.VLMIXER.SIZE_DIVISIBILITY = 0
+    # Test-time resize: "maskrcnn" (maskrcnn-benchmark's sizes, PIL bilinear as
+    # torchvision does on PIL images; VinVL) or "caffe" (py-faster-rcnn's scale,
+    # OpenCV linear resize of the float image; bottom-up attention).
+    cfg.VLMIXER.RESIZE = "maskrcnn"
     # Images per forward pass in Detector.__call__.
     cfg.VLMIXER.BATCH_SIZE = 4
     # "none", "bf16" or "fp16": autocast of the forward pass on CUDA (ignored on CPU).
@@ -57,6 +86,15 @@ def add_vlmixer_config(cfg: Any) -> None:
     # First-pass pair threshold of the exact two-pass selection (see selection.py);
     # speed only, never the result. 0 = all pairs in one pass.
     cfg.VLMIXER.SELECTION.PREFILTER = 0.01
+    # Label and confidence reported per kept box: "surviving" (the class whose
+    # score survived NMS, highest; VinVL's filter_results_peter) or "argmax"
+    # (the box's most probable class and its probability, as
+    # bottom-up-attention.pytorch's extractor writes objects_id / objects_conf).
+    cfg.VLMIXER.SELECTION.LABEL = "surviving"
+    # Run the selection's NMS on boxes in original-image pixels (the +1 IoU is
+    # not scale-free): bottom-up-attention.pytorch divides by the image scale
+    # first; VinVL selects in network-input pixels.
+    cfg.VLMIXER.SELECTION.IN_ORIGINAL_PIXELS = False
 
     # Attribute head: class embedding (num_classes + 1 -> CLS_EMBED_DIM)
     # concatenated with the pooled feature -> fc HIDDEN_DIM -> ReLU ->
@@ -67,8 +105,12 @@ def add_vlmixer_config(cfg: Any) -> None:
     cfg.VLMIXER.ATTRIBUTE.NUM_ATTRIBUTES = 524
     cfg.VLMIXER.ATTRIBUTE.CLS_EMBED_DIM = 256
     cfg.VLMIXER.ATTRIBUTE.HIDDEN_DIM = 512
-    # Keep attributes with softmax score >= this.
+    # Keep attributes with softmax score strictly above this (VinVL: > 0.05).
     cfg.VLMIXER.ATTRIBUTE.SCORE_THRESH = 0.05
+    # Class fed to the attribute head's embedding: "selected" (the box's
+    # reported class; VinVL) or "argmax_with_background" (argmax of all class
+    # logits, background included; bottom-up attention).
+    cfg.VLMIXER.ATTRIBUTE.LABEL_INPUT = "selected"
     # At most this many attributes per box (arrays are padded to it with -1 / 0).
     cfg.VLMIXER.ATTRIBUTE.MAX_PER_BOX = 16
 
@@ -165,8 +207,22 @@ def validate_config(cfg: Any, where: str = "config") -> None:
         bad("INPUT.FORMAT must be BGR (the reference detectors take BGR 0-255)")
     if cfg.MODEL.ROI_HEADS.NUM_CLASSES < 1:
         bad("MODEL.ROI_HEADS.NUM_CLASSES must be >= 1")
-    if cfg.VLMIXER.SIZE_DIVISIBILITY % 16 != 0:
-        bad("VLMIXER.SIZE_DIVISIBILITY must be a multiple of the stride 16")
+    if cfg.VLMIXER.SIZE_DIVISIBILITY < 0 or cfg.VLMIXER.SIZE_DIVISIBILITY % 16 != 0:
+        bad("VLMIXER.SIZE_DIVISIBILITY must be 0 (no padding) or a multiple of the stride 16")
+    choices = {
+        "VLMIXER.BOX_DECODE": (cfg.VLMIXER.BOX_DECODE, ("detectron", "py_faster_rcnn")),
+        "VLMIXER.NMS_IOU": (cfg.VLMIXER.NMS_IOU, ("plus_one", "torchvision")),
+        "VLMIXER.RESIZE": (cfg.VLMIXER.RESIZE, ("maskrcnn", "caffe")),
+        "VLMIXER.SELECTION.LABEL": (cfg.VLMIXER.SELECTION.LABEL, ("surviving", "argmax")),
+        "VLMIXER.ATTRIBUTE.LABEL_INPUT": (cfg.VLMIXER.ATTRIBUTE.LABEL_INPUT, ("selected", "argmax_with_background")),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            bad(f"{key} must be one of {', '.join(allowed)} (got {value!r})")
+    if cfg.VLMIXER.MIN_BOX_PIXELS < 0:
+        bad("VLMIXER.MIN_BOX_PIXELS must be >= 0")
+    if cfg.MODEL.RESNETS.RES5_DILATION not in (1, 2):
+        bad("MODEL.RESNETS.RES5_DILATION must be 1 or 2")
     h, w = cfg.VLMIXER.RANDOM_INIT.IMAGE_SIZE
     if h % 32 or w % 32:
         bad("VLMIXER.RANDOM_INIT.IMAGE_SIZE must be multiples of 32")

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from vlmixer.errors import VlmixerError
@@ -162,16 +163,7 @@ def convert_vinvl_checkpoint(src_state_dict: Mapping[str, Any], cfg: Any) -> dic
         if tuple(anchors.shape) != tuple(mine.shape) or not torch.allclose(anchors.float().cpu(), mine):
             misshaped.append("rpn.anchor_generator.cell_anchors.0: the checkpoint's anchors differ from "
                              "the config's (MODEL.ANCHOR_GENERATOR)")
-    missing = sorted(set(target) - set(out))
-    if unmapped or missing or misshaped:
-        parts = []
-        if unmapped:
-            parts.append(f"{len(unmapped)} unmapped key(s): " + "; ".join(unmapped[:20]))
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): " + "; ".join(missing[:20]))
-        if misshaped:
-            parts.append(f"{len(misshaped)} mis-shaped key(s): " + "; ".join(misshaped[:20]))
-        raise VlmixerError(f"VinVL checkpoint does not fit config {cfg.VLMIXER.NAME}: " + " | ".join(parts))
+    _raise_unless_complete("VinVL", cfg, target, out, unmapped, misshaped)
     return out
 
 
@@ -210,10 +202,168 @@ def convert_vinvl_file(ckpt_path: str | Path, config_path: str | Path, out_path:
                        labelmap: str | Path | None = None, concept_vocab: str | Path | None = None,
                        attribute_vocab: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The `vlmixer detector convert --from vinvl` job: load, convert, check, save. Returns the metadata."""
-    from vlmixer.pipeline.detector.config import config_sha256, load_detector_config
-    from vlmixer.storage.vocab import load_vocabulary, read_labelmap_json, read_vocab_txt
+    from vlmixer.pipeline.detector.config import load_detector_config
 
     cfg = load_detector_config(config_path, overrides)
+    concepts, attributes = _user_vocabularies(cfg, labelmap, concept_vocab, attribute_vocab)
+    ckpt = load_checkpoint(ckpt_path)
+    state = ckpt.get("model", ckpt)
+    if not isinstance(state, Mapping):
+        raise VlmixerError(f"{ckpt_path}: no state dict under 'model'")
+    if not looks_like_vinvl(state):
+        raise VlmixerError(f"{ckpt_path}: not a VinVL/maskrcnn-benchmark checkpoint (no backbone.body.* keys)")
+    converted = convert_vinvl_checkpoint(state, cfg)
+    meta = _metadata("vinvl", cfg, ckpt_path, labelmap, concepts, attributes)
+    save_converted(out_path, converted, meta)
+    return meta
+
+
+# --------------------------------------------------------------------------- bottom-up attention
+# bottom-up-attention.pytorch (MILVLG, `.pth`) names its detectron2 model as
+# detectron2 does except the predictor (Caffe order: background is class 0, a
+# two-logit softmax RPN, `cls_embed`, `attr_linear1/2`); airsplay's
+# py-bottom-up-attention `.pkl` uses detectron2's order and names throughout
+# (`cls_embedding`, `fc_attr`, `attr_score`, one objectness logit).
+_BUTD_PREDICTOR = {
+    "roi_heads.box_predictor.cls_embed.weight": "roi_heads.attribute_head.cls_embedding.weight",
+    "roi_heads.box_predictor.cls_embedding.weight": "roi_heads.attribute_head.cls_embedding.weight",
+    "roi_heads.box_predictor.attr_linear1.weight": "roi_heads.attribute_head.fc_attr.weight",
+    "roi_heads.box_predictor.attr_linear1.bias": "roi_heads.attribute_head.fc_attr.bias",
+    "roi_heads.box_predictor.fc_attr.weight": "roi_heads.attribute_head.fc_attr.weight",
+    "roi_heads.box_predictor.fc_attr.bias": "roi_heads.attribute_head.fc_attr.bias",
+    "roi_heads.box_predictor.attr_linear2.weight": "roi_heads.attribute_head.attr_score.weight",
+    "roi_heads.box_predictor.attr_linear2.bias": "roi_heads.attribute_head.attr_score.bias",
+    "roi_heads.box_predictor.attr_score.weight": "roi_heads.attribute_head.attr_score.weight",
+    "roi_heads.box_predictor.attr_score.bias": "roi_heads.attribute_head.attr_score.bias",
+}
+_SAME_NAME = re.compile(
+    r"(backbone\.(stem|res[234])\.|roi_heads\.res5\.|proposal_generator\.rpn_head\.(conv|anchor_deltas)\.|"
+    r"proposal_generator\.rpn_head\.objectness_logits\.|roi_heads\.box_predictor\.(cls_score|bbox_pred)\.).+")
+
+
+def map_butd_key(key: str) -> str | None:
+    """Target name of one bottom-up attention key (either port), or None when it has no counterpart."""
+    k = _strip(key)
+    if k in _BUTD_PREDICTOR:
+        return _BUTD_PREDICTOR[k]
+    return k if _SAME_NAME.fullmatch(k) else None
+
+
+def convert_butd_checkpoint(src_state_dict: Mapping[str, Any], cfg: Any, *, caffe_order: bool) -> dict[str, torch.Tensor]:
+    """Map a bottom-up attention state dict (tensors or numpy arrays) onto the model of `cfg`.
+
+    `caffe_order`: background is row 0 of the class scores, of the box
+    regression (4 rows) and of the class embedding (bottom-up-attention.pytorch);
+    otherwise background is last (detectron2, airsplay's port). A two-logit
+    RPN objectness (2A channels: A background, then A foreground) is folded into
+    one logit per anchor, foreground minus background: softmax picks the same
+    proposals, ranked by that logit. `num_batches_tracked` of BatchNorm is
+    dropped. Raises VlmixerError naming every unmapped, missing or mis-shaped key.
+    """
+    src: Mapping[str, Any] = src_state_dict
+    if "model" in src and isinstance(src["model"], Mapping):
+        src = src["model"]
+    target = target_state_shapes(cfg)
+    out: dict[str, torch.Tensor] = {}
+    unmapped: list[str] = []
+    misshaped: list[str] = []
+    for key, value in src.items():
+        k = _strip(str(key))
+        if k.endswith(".num_batches_tracked") or k.startswith("__"):  # BN counter; "__author__"-style notes
+            continue
+        if isinstance(value, np.ndarray) and value.dtype.kind in "fiu":
+            value = torch.from_numpy(np.ascontiguousarray(value))
+        if not isinstance(value, torch.Tensor):
+            unmapped.append(f"{key} (not an array)")
+            continue
+        name = map_butd_key(k)
+        if name is None or name not in target:
+            unmapped.append(key if name is None else f"{key} -> {name} (not in the model of this config)")
+            continue
+        t = value.detach().to("cpu", copy=True).float()
+        want = tuple(target[name])
+        if name.startswith("proposal_generator.rpn_head.objectness_logits.") and t.shape[0] == 2 * want[0]:
+            a = want[0]
+            t = t[a:] - t[:a]  # softmax([bg, fg])[fg] = sigmoid(fg - bg)
+        if caffe_order:
+            if name in ("roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias",
+                        "roi_heads.attribute_head.cls_embedding.weight"):
+                t = torch.cat([t[1:], t[:1]], dim=0)
+            elif name.startswith("roi_heads.box_predictor.bbox_pred."):
+                t = t[4:]
+        if tuple(t.shape) != want:
+            misshaped.append(f"{key} -> {name}: {tuple(t.shape)} (after conversion) vs model {want}")
+            continue
+        if name in out:
+            unmapped.append(f"{key} (a second source for {name})")
+            continue
+        out[name] = t
+    _raise_unless_complete("bottom-up attention", cfg, target, out, unmapped, misshaped)
+    return out
+
+
+def _raise_unless_complete(what: str, cfg: Any, target: Mapping[str, Any], out: Mapping[str, Any],
+                           unmapped: list[str], misshaped: list[str]) -> None:
+    missing = sorted(set(target) - set(out))
+    if unmapped or missing or misshaped:
+        parts = []
+        if unmapped:
+            parts.append(f"{len(unmapped)} unmapped key(s): " + "; ".join(unmapped[:20]))
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): " + "; ".join(missing[:20]))
+        if misshaped:
+            parts.append(f"{len(misshaped)} mis-shaped key(s): " + "; ".join(misshaped[:20]))
+        raise VlmixerError(f"{what} checkpoint does not fit config {cfg.VLMIXER.NAME}: " + " | ".join(parts))
+
+
+def load_butd_state(path: str | Path) -> tuple[Mapping[str, Any], bool]:
+    """The state dict of a bottom-up attention checkpoint and whether it is in Caffe class order.
+
+    `.pkl` (airsplay's detectron2 port, detectron2 order): numpy arrays read by
+    the restricted unpickler; anything else (MILVLG's `.pth`, Caffe order):
+    torch.load with weights_only=True.
+    """
+    from vlmixer.pipeline.detector.safe_pickle import load_numpy_pickle
+
+    p = Path(path)
+    if not p.is_file():
+        raise VlmixerError(f"{p}: checkpoint file does not exist")
+    if p.suffix == ".pkl":
+        obj = load_numpy_pickle(p)
+        caffe = False
+    else:
+        obj = load_checkpoint(p)
+        caffe = True
+    state = obj.get("model", obj) if isinstance(obj, Mapping) else None
+    if not isinstance(state, Mapping) or not any(_strip(str(k)).startswith("backbone.") for k in state):
+        raise VlmixerError(f"{p}: not a bottom-up attention checkpoint (no backbone.* keys)")
+    return state, caffe
+
+
+def convert_file(source: str, ckpt_path: str | Path, config_path: str | Path, out_path: str | Path, *,
+                 labelmap: str | Path | None = None, concept_vocab: str | Path | None = None,
+                 attribute_vocab: str | Path | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """`vlmixer detector convert --from vinvl|butd`: load, convert, check, save. Returns the metadata."""
+    if source == "vinvl":
+        return convert_vinvl_file(ckpt_path, config_path, out_path, labelmap=labelmap, concept_vocab=concept_vocab,
+                                  attribute_vocab=attribute_vocab, overrides=overrides)
+    if source != "butd":
+        raise VlmixerError(f"--from {source}: expected vinvl or butd")
+    from vlmixer.pipeline.detector.config import load_detector_config
+
+    cfg = load_detector_config(config_path, overrides)
+    concepts, attributes = _user_vocabularies(cfg, labelmap, concept_vocab, attribute_vocab)
+    state, caffe = load_butd_state(ckpt_path)
+    converted = convert_butd_checkpoint(state, cfg, caffe_order=caffe)
+    meta = _metadata("butd-caffe-order" if caffe else "butd-detectron2", cfg, ckpt_path, labelmap, concepts, attributes)
+    save_converted(out_path, converted, meta)
+    return meta
+
+
+def _user_vocabularies(cfg: Any, labelmap: str | Path | None, concept_vocab: str | Path | None,
+                       attribute_vocab: str | Path | None) -> tuple[Any, Any]:
+    from vlmixer.storage.vocab import load_vocabulary, read_labelmap_json, read_vocab_txt
+
     concepts = attributes = None
     if labelmap:
         concepts, attributes = read_labelmap_json(labelmap)
@@ -226,28 +376,26 @@ def convert_vinvl_file(ckpt_path: str | Path, config_path: str | Path, out_path:
         raise VlmixerError(f"label map has {len(concepts)} classes, config {cfg.VLMIXER.NAME} {n_cls}")
     if attributes is not None and len(attributes) != n_att:
         raise VlmixerError(f"label map has {len(attributes)} attributes, config {cfg.VLMIXER.NAME} {n_att}")
-    ckpt = load_checkpoint(ckpt_path)
-    state = ckpt.get("model", ckpt)
-    if not isinstance(state, Mapping):
-        raise VlmixerError(f"{ckpt_path}: no state dict under 'model'")
-    if not looks_like_vinvl(state):
-        raise VlmixerError(f"{ckpt_path}: not a VinVL/maskrcnn-benchmark checkpoint (no backbone.body.* keys)")
-    converted = convert_vinvl_checkpoint(state, cfg)
-    meta = {
+    return concepts, attributes
+
+
+def _metadata(source: str, cfg: Any, ckpt_path: str | Path, labelmap: str | Path | None,
+              concepts: Any, attributes: Any) -> dict[str, Any]:
+    from vlmixer.pipeline.detector.config import config_sha256
+
+    return {
         "format": "vlmixer-detector/1",
-        "source": "vinvl",
+        "source": source,
         "source_path": str(ckpt_path),
         "source_sha256": sha256_file(Path(ckpt_path)),
         "config_name": cfg.VLMIXER.NAME,
         "config_sha256": config_sha256(cfg),
         "config_text": cfg.dump(),
-        "num_classes": n_cls,
-        "num_attributes": n_att,
+        "num_classes": int(cfg.MODEL.ROI_HEADS.NUM_CLASSES),
+        "num_attributes": int(cfg.VLMIXER.ATTRIBUTE.NUM_ATTRIBUTES),
         "labelmap_sha256": sha256_file(Path(labelmap)) if labelmap else None,
         "concepts": concepts.to_json() if concepts is not None else None,
         "attributes": attributes.to_json() if attributes is not None else None,
         "concept_vocab_sha256": concepts.sha256 if concepts is not None else None,
         "attribute_vocab_sha256": attributes.sha256 if attributes is not None else None,
     }
-    save_converted(out_path, converted, meta)
-    return meta

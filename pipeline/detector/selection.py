@@ -68,17 +68,24 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor, legacy: bool) -> torch.Tensor
 _BITS = 32
 
 
-def _pack_overlaps(boxes: torch.Tensor, iou_thresh: float, legacy: bool, words: int) -> torch.Tensor:
-    """(N, words) int64: bit k of word w is set when box 32w+k overlaps the row's box (> iou)."""
+def _pack_overlaps(boxes: torch.Tensor, iou_thresh: float, legacy: bool, words: int,
+                   suppress_equal: bool = False) -> torch.Tensor:
+    """(N, words) int64: bit k of word w is set when box 32w+k overlaps the row's box
+    (IoU > t, or >= t with `suppress_equal`)."""
     n = boxes.shape[0]
-    overlap = pairwise_iou(boxes, boxes, legacy) > iou_thresh  # diagonal True
+    iou = pairwise_iou(boxes, boxes, legacy)
+    if suppress_equal or legacy:  # maskrcnn-benchmark's kernels: float32 threshold
+        overlap = iou >= iou_thresh if suppress_equal else iou > iou_thresh
+    else:  # torchvision.ops.nms compares with the threshold as a double
+        overlap = iou.double() > iou_thresh
+    overlap.fill_diagonal_(True)
     overlap = F.pad(overlap, (0, words * _BITS - n)).view(n, words, _BITS).long()
     weights = torch.ones(_BITS, dtype=torch.long, device=boxes.device) << torch.arange(_BITS, device=boxes.device)
     return (overlap * weights).sum(-1)
 
 
 def class_nms(boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], iou_thresh: float, legacy: bool,
-              min_score: float | None = None) -> list[torch.Tensor]:
+              min_score: float | None = None, suppress_equal: bool = False) -> list[torch.Tensor]:
     """Greedy NMS of every class column of every image at once, over that image's boxes.
 
     `scores[i]` is (N_i, C). Only (box, class) pairs with score >= `min_score`
@@ -86,6 +93,10 @@ def class_nms(boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], iou
     per-class greedy NMS over all boxes, because a box is only ever suppressed
     by higher-scored boxes of its class. Returns per image (N_i, C) bool keep
     flags (False for pairs that did not take part).
+
+    Boxes of equal score are visited in index order (a stable sort), in both
+    the sparse and the dense pass, so ties resolve the same way whatever
+    `min_score` is.
 
     The loop runs over score ranks (at most the largest number of pairs of one
     class), never over classes or images; each (image, class) row keeps its
@@ -104,7 +115,7 @@ def class_nms(boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], iou
         n = int(bx.shape[0])
         if n == 0:
             continue
-        packed.append(_pack_overlaps(bx, iou_thresh, legacy, words))
+        packed.append(_pack_overlaps(bx, iou_thresh, legacy, words, suppress_equal))
         if min_score is None:
             cls = torch.arange(sc.shape[1], device=device)
             order = torch.argsort(sc.t(), dim=1, descending=True, stable=True)  # (C, n) box at each rank
@@ -115,7 +126,11 @@ def class_nms(boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], iou
             cls = torch.nonzero(count, as_tuple=True)[0]
             count = count[cls]
             k = int(count.max()) if cls.numel() else 0
-            order = sc[:, cls].t().topk(k, dim=1, sorted=True).indices  # only the ranks that take part
+            part = sc[:, cls].t()
+            # the k best of each row hold every pair >= min_score (k >= its count); among them,
+            # equal scores in index order (stable), exactly as the dense pass visits them
+            top = part.topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+            order = top.gather(1, torch.argsort(part.gather(1, top), dim=1, descending=True, stable=True))
         orders.append(order)
         counts.append(count)
         rows_img.append(torch.full_like(cls, i))
@@ -152,9 +167,10 @@ def class_nms(boxes: Sequence[torch.Tensor], scores: Sequence[torch.Tensor], iou
     return out
 
 
-def dense_class_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, legacy: bool) -> torch.Tensor:
+def dense_class_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thresh: float, legacy: bool,
+                    suppress_equal: bool = False) -> torch.Tensor:
     """Keep flags (N, C) of greedy NMS of every class column of `scores` over the same N boxes."""
-    return class_nms([boxes], [scores], iou_thresh, legacy)[0]
+    return class_nms([boxes], [scores], iou_thresh, legacy, suppress_equal=suppress_equal)[0]
 
 
 def _finish(kept_scores: torch.Tensor, score_thresh: float, min_boxes: int, max_boxes: int) -> Selection:
@@ -178,14 +194,17 @@ def select_boxes(
     max_boxes: int = 100,
     legacy: bool = True,
     prefilter: float = 0.01,
+    suppress_equal: bool = False,
 ) -> list[Selection]:
     """NMS filter 1 for a batch: `boxes[i]` (N_i, 4) proposals, `scores[i]` (N_i, C) foreground
     class probabilities (background column removed). Returns one `Selection` per image.
 
     The first pass takes the pairs with score >= t = min(prefilter, score_thresh);
     images that need more are redone with all pairs (see the module docstring).
-    Both passes are exact, so the result does not depend on `prefilter`
-    (0 = all pairs at once).
+    Both passes are exact and visit equal scores in index order, so the
+    result does not depend on `prefilter` (0 = all pairs at once), ties
+    included. `legacy`: +1 widths in the IoU; `suppress_equal`: IoU >= t
+    suppresses (maskrcnn-benchmark's CPU kernel) instead of IoU > t.
     """
     if len(boxes) != len(scores):
         raise ValueError("select_boxes: boxes and scores differ in length")
@@ -193,7 +212,7 @@ def select_boxes(
     todo = list(range(len(boxes)))
     t = min(prefilter, score_thresh)
     if t > 0 and todo:
-        keeps = class_nms(boxes, scores, iou_thresh, legacy, min_score=t)
+        keeps = class_nms(boxes, scores, iou_thresh, legacy, min_score=t, suppress_equal=suppress_equal)
         redo = []
         for i, keep in zip(todo, keeps):
             sel = _finish(scores[i] * keep, score_thresh, min_boxes, max_boxes)
@@ -204,7 +223,8 @@ def select_boxes(
                 redo.append(i)
         todo = redo
     if todo:
-        keeps = class_nms([boxes[i] for i in todo], [scores[i] for i in todo], iou_thresh, legacy)
+        keeps = class_nms([boxes[i] for i in todo], [scores[i] for i in todo], iou_thresh, legacy,
+                          suppress_equal=suppress_equal)
         for i, keep in zip(todo, keeps):
             results[i] = _finish(scores[i] * keep, score_thresh, min_boxes, max_boxes)
     return [r for r in results if r is not None]

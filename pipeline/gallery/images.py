@@ -14,6 +14,16 @@ where the result is a faithful RGB picture (alpha composited on white) and
 each conversion is reported back so the build can list it. Orientation follows the
 EXIF tag, so boxes refer to the picture as a person sees it; `gallery show`
 decodes with the same function to crop the same pixels.
+
+Decode modes (`DecodePolicy.mode`, `gallery build --decode`, recorded in the
+store's provenance): "standard" is the above; "reference" decodes as VinVL's
+extractor does, `Image.open(...).convert("RGB")`: no EXIF rotation, alpha
+dropped rather than composited, every mode converted by Pillow's own rule.
+Use it to reproduce VinVL's features exactly, or with annotations (COCO,
+Visual Genome) drawn on the stored pixel grid. (Bottom-up attention reads
+with `cv2.imread`, which applies the EXIF orientation: "standard" is the
+closer there.) Which files are refused (strict modes, size limits, corrupt
+data) does not change.
 """
 from __future__ import annotations
 
@@ -25,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from vlmixer.pipeline.gallery.options import DEFAULT_MAX_PIXELS
+from vlmixer.pipeline.gallery.options import DECODE_MODES, DEFAULT_MAX_PIXELS
 
 # Pillow's own bomb guard uses a module global; every decode sets it from the
 # policy (see `_open`), and 0 or None would disable it, which we never allow.
@@ -47,10 +57,13 @@ class DecodePolicy:
     max_pixels: int = DEFAULT_MAX_PIXELS
     min_side: int = 8
     strict_modes: bool = True
+    mode: str = "standard"  # or "reference" (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1:
             raise ValueError("max_pixels must be >= 1 (the decompression-bomb guard cannot be disabled)")
+        if self.mode not in DECODE_MODES:
+            raise ValueError(f"decode mode {self.mode!r}: expected one of {', '.join(DECODE_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +150,22 @@ def _to_rgb(img: Image.Image, strict: bool, deep: bool) -> tuple[Image.Image, st
         raise BadImage(f"unsupported mode {mode} ({_short(e)})") from None
 
 
+def _reference_rgb(img: Image.Image, strict: bool, deep: bool) -> tuple[Image.Image, str | None]:
+    """What the reference extractors do: `convert("RGB")`, nothing else (same refusals as standard)."""
+    mode = img.mode
+    odd = mode in ODD_MODES or (mode == "P" and "transparency" in img.info) or deep
+    if odd and strict:
+        what = f"16-bit {mode}" if deep and mode == "RGB" else mode
+        raise BadImage(f"unsupported mode {what} (strict modes)")
+    if mode == "F":
+        raise BadImage("unsupported mode F (32-bit float samples)")
+    try:
+        out = img.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise BadImage(f"unsupported mode {mode} ({_short(e)})") from None
+    return out, (f"{mode} -> RGB (reference: Pillow convert)" if odd else None)
+
+
 def decode_bytes(data: bytes, policy: DecodePolicy = DecodePolicy()) -> DecodedImage:
     """Validate and decode an encoded image; raises `BadImage(reason)` for any bad file."""
     if len(data) == 0:
@@ -151,6 +180,12 @@ def decode_bytes(data: bytes, policy: DecodePolicy = DecodePolicy()) -> DecodedI
         msg = _short(e)
         reason = "truncated" if "truncated" in msg.lower() else "corrupt"
         raise BadImage(f"{reason} ({msg})") from None
+    if policy.mode == "reference":
+        img, note = _reference_rgb(img, policy.strict_modes, deep)
+        arr = np.asarray(img, dtype=np.uint8)
+        if arr.ndim != 3 or arr.shape[2] != 3:
+            raise BadImage(f"decoder returned shape {arr.shape}")
+        return DecodedImage(array=np.ascontiguousarray(arr), note=note)
     try:
         img = ImageOps.exif_transpose(img) or img
         note_exif = None

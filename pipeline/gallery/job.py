@@ -28,10 +28,11 @@ from typing import Any
 from vlmixer.errors import VlmixerError
 from vlmixer.pipeline import ray_session
 from vlmixer.pipeline.gallery.images import DecodePolicy
-from vlmixer.pipeline.gallery.options import BuildOptions
+from vlmixer.pipeline.gallery.options import DECODE_MODES, BuildOptions
 from vlmixer.pipeline.gallery.sources import ImageItem, Shard, keys_digest, make_shards, read_source
 from vlmixer.pipeline.gallery.work import (
     BatchPiece,
+    BoxPlan,
     DetectorRunner,
     ShardCommitter,
     decode_batch,
@@ -61,6 +62,7 @@ class BuildReport:
     seconds: float = 0.0
     mode: str = ""
     workers: int = 0
+    notes: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -74,6 +76,7 @@ class BuildReport:
             f"({self.shards_skipped} already committed), {self.images_done} images, {self.patches_done} "
             f"patches, {self.failures_this_run} failed, {self.seconds:.1f} s ({rate:.1f} images/s)",
         ]
+        lines += self.notes
         if self.converted:
             lines.append(f"converted to RGB ({len(self.converted)}):")
             for k, note in sorted(self.converted.items())[:max_listed]:
@@ -126,6 +129,31 @@ def validate(opts: BuildOptions) -> None:
     if opts.finalize_memory_mb < MIN_FINALIZE_MEMORY_MB:
         raise VlmixerError(f"--finalize-memory-mb {opts.finalize_memory_mb}: finalize needs at least "
                            f"{MIN_FINALIZE_MEMORY_MB} MB")
+    if opts.decode not in DECODE_MODES:
+        raise VlmixerError(f"--decode {opts.decode!r}: expected one of {', '.join(DECODE_MODES)}")
+    if opts.boxes is not None and not Path(opts.boxes).is_file():
+        raise VlmixerError(f"{opts.boxes}: --boxes annotation file does not exist")
+
+
+def _same_pixels_and_boxes(out: Path, opts: BuildOptions) -> None:
+    """A resumed gallery must keep its decode mode and box source: mixing them would store patches
+    of rotated and unrotated pictures, or detected and annotated boxes, under one provenance."""
+    header = out / "gallery.json"
+    if not header.is_file():
+        return
+    from vlmixer.files import sha256_file
+    from vlmixer.storage.headers import read_json_object
+
+    prov = read_json_object(header, "gallery header").get("provenance") or {}
+    had_decode = (prov.get("build") or {}).get("decode", "standard")
+    if had_decode != opts.decode:
+        raise VlmixerError(f"{out}: this gallery was built with --decode {had_decode}, not {opts.decode}; "
+                           "use the same option or a new --out")
+    boxes = prov.get("boxes") or {"from": "detector"}
+    if (boxes.get("from") == "annotations") != (opts.boxes is not None) or (
+            opts.boxes is not None and boxes.get("sha256") != sha256_file(opts.boxes)):
+        had = f"--boxes {boxes.get('path')}" if boxes.get("from") == "annotations" else "detected boxes"
+        raise VlmixerError(f"{out}: this gallery holds {had}; resume it with the same boxes or use a new --out")
 
 
 def _existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
@@ -172,7 +200,19 @@ def plan(opts: BuildOptions, items: Sequence[ImageItem], committed: dict[str, di
 
 
 def _policy(opts: BuildOptions) -> DecodePolicy:
-    return DecodePolicy(max_pixels=opts.max_pixels, strict_modes=opts.strict_modes)
+    return DecodePolicy(max_pixels=opts.max_pixels, strict_modes=opts.strict_modes, mode=opts.decode)
+
+
+def _box_plan(opts: BuildOptions) -> BoxPlan | None:
+    """What detector workers need for `--boxes`; the vocabulary travels only when the user gave it."""
+    if opts.boxes is None:
+        return None
+    concepts = None
+    if opts.labelmap or opts.vocab:
+        from vlmixer.storage.vocab import read_labelmap_json, read_vocab_txt
+
+        concepts = (read_labelmap_json(opts.labelmap)[0] if opts.labelmap else read_vocab_txt(opts.vocab)).to_json()
+    return BoxPlan(path=str(Path(opts.boxes).resolve()), concepts=concepts, synonyms=opts.box_synonyms)
 
 
 def _batches(shard: Shard, size: int) -> list[tuple[ImageItem, ...]]:
@@ -201,16 +241,40 @@ def _vocabularies(opts: BuildOptions, info: dict[str, Any]) -> tuple[list[list[s
     return concepts, attributes
 
 
-def _provenance(opts: BuildOptions, info: dict[str, Any]) -> dict[str, Any]:
+def _provenance(opts: BuildOptions, info: dict[str, Any], box_info: dict[str, Any] | None = None) -> dict[str, Any]:
     from vlmixer.files import sha256_file
 
-    keep = ("images", "image_root", "shard_size", "batch_size", "seed", "strict_modes", "max_pixels")
+    keep = ("images", "image_root", "shard_size", "batch_size", "seed", "strict_modes", "max_pixels", "decode")
     build = {k: getattr(opts, k) for k in keep}
     build["images"] = str(Path(opts.images).resolve())
     if opts.labelmap:
         build["labelmap_sha256"] = sha256_file(opts.labelmap)
-    return {"detector": info.get("provenance", {}), "detector_config": str(Path(opts.detector).resolve()),
-            "build": build}
+    out = {"detector": info.get("provenance", {}), "detector_config": str(Path(opts.detector).resolve()),
+           "build": build, "boxes": {"from": "detector"}}
+    if box_info is not None:
+        out["boxes"] = box_info
+    return out
+
+
+def _box_info(opts: BuildOptions, concepts: list[list[str]], report: BuildReport) -> dict[str, Any] | None:
+    """With --boxes: map the annotation categories once here (for the summary and the provenance);
+    workers map them the same way from the same vocabulary."""
+    if opts.boxes is None:
+        return None
+    from vlmixer.files import sha256_file
+    from vlmixer.pipeline.gallery.annotations import map_categories, read_annotations
+    from vlmixer.storage.vocab import Vocabulary
+
+    ann = read_annotations(opts.boxes)
+    cmap = map_categories(ann.category_counts(), Vocabulary.from_json(concepts), synonyms=opts.box_synonyms)
+    report.notes.append(f"boxes from {opts.boxes} ({ann.format}): {cmap.summary()}")
+    if ann.problems:
+        report.notes.append(f"{len(ann.problems)} annotation record(s) skipped: " + "; ".join(ann.problems[:5]))
+    return {"from": "annotations", "path": str(Path(opts.boxes).resolve()), "format": ann.format,
+            "sha256": sha256_file(opts.boxes), "confidence": 1.0, "synonyms": opts.box_synonyms,
+            "categories_mapped": {k: concepts[v][0] for k, v in sorted(cmap.to_concept.items())},
+            "categories_unmapped": dict(sorted(cmap.unmapped.items())),
+            "records_skipped": len(ann.problems)}
 
 
 # -- progress ---------------------------------------------------------------------
@@ -270,6 +334,7 @@ def build_gallery(opts: BuildOptions) -> BuildReport:
     validate(opts)
     t0 = time.perf_counter()
     out = Path(opts.out)
+    _same_pixels_and_boxes(out, opts)
     with build_lock(out):
         items = read_source(opts.images, image_root=opts.image_root)
         committed, failures = _existing_state(out)
@@ -318,11 +383,11 @@ def _extra(opts: BuildOptions, shard: Shard) -> dict[str, Any]:
 def _run_in_process(opts: BuildOptions, todo: list[Shard], progress: Progress, report: BuildReport) -> None:
     """The same callables as the Ray job, in a loop: for debugging and machines without Ray."""
     runner = DetectorRunner(opts.detector, opts.weights, opts.device, num_threads=opts.threads,
-                            factory=opts.detector_factory)
+                            factory=opts.detector_factory, boxes=_box_plan(opts))
     info = runner.info()
     concepts, attributes = _vocabularies(opts, info)
-    committer = ShardCommitter(str(opts.out), info["feature_dim"], concepts, attributes, _provenance(opts, info),
-                               lock_held_by_driver=True)
+    committer = ShardCommitter(str(opts.out), info["feature_dim"], concepts, attributes,
+                               _provenance(opts, info, _box_info(opts, concepts, report)), lock_held_by_driver=True)
     pre = runner.preprocessor()
     report.mode, report.workers = "in-process", 1
     try:
@@ -359,7 +424,8 @@ def _worker_plan(opts: BuildOptions, resources: dict[str, float]) -> tuple[int, 
 class _RayDetector(DetectorRunner):
     """A `DetectorRunner` that takes its GPU from Ray; without CUDA it falls back to the CPU."""
 
-    def __init__(self, config: str, weights: str | None, threads: int, factory: Any = None) -> None:
+    def __init__(self, config: str, weights: str | None, threads: int, factory: Any = None,
+                 boxes: BoxPlan | None = None) -> None:
         import ray
         import torch
 
@@ -368,7 +434,7 @@ class _RayDetector(DetectorRunner):
             print("[gallery] warning: Ray assigned a GPU to a detector worker but CUDA is not available; "
                   "running on CPU", file=sys.stderr)
         super().__init__(config, weights, "cuda" if gpu and torch.cuda.is_available() else "cpu",
-                         num_threads=threads or None, factory=factory)
+                         num_threads=threads or None, factory=factory, boxes=boxes)
         self.worker += f":node={ray.get_runtime_context().get_node_id()[:12]}"
 
 
@@ -390,16 +456,17 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
     try:
         n_actors, actor_opts, threads = _worker_plan(opts, ray.cluster_resources())
         det_cls = ray.remote(_RayDetector).options(max_restarts=2, max_task_retries=2, **actor_opts)
-        actors = [det_cls.remote(opts.detector, opts.weights, threads, opts.detector_factory)
+        actors = [det_cls.remote(opts.detector, opts.weights, threads, opts.detector_factory, _box_plan(opts))
                   for _ in range(n_actors)]
         info = ray_session.get(actors[0].info.remote(), "a detector worker")
         concepts, attributes = _vocabularies(opts, info)
+        box_info = _box_info(opts, concepts, report)
         here = ray.get_runtime_context().get_node_id()
         writer = ray.remote(ShardCommitter).options(
             num_cpus=0, max_restarts=1, max_task_retries=1,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
         ).remote(str(Path(opts.out).resolve()), info["feature_dim"], concepts, attributes,
-                 _provenance(opts, info), lock_held_by_driver=True)
+                 _provenance(opts, info, box_info), lock_held_by_driver=True)
         # stays a ref: unpickling it would import the detector (torch) into the driver
         pre_ref = actors[0].preprocessor.remote()
         decode = ray.remote(decode_batch).options(num_cpus=1, max_retries=2)

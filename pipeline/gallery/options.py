@@ -14,6 +14,8 @@ from vlmixer.storage.finalize_budget import DEFAULT_FINALIZE_MEMORY_MB
 
 # Pillow's own decompression-bomb limit (~ 0.25 GiB of RGBA); images.py enforces it per decode
 DEFAULT_MAX_PIXELS = 89_478_485
+# "standard": EXIF orientation, alpha on white; "reference": Image.open().convert("RGB") as VinVL (images.py)
+DECODE_MODES = ("standard", "reference")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class BuildOptions:
     seed: int = 0
     device: str = "auto"  # in-process only; Ray actors use their GPU if they got one
     strict_modes: bool = True  # CMYK/16-bit/alpha are failures; False converts them (--convert-modes)
+    decode: str = "standard"  # one of DECODE_MODES, recorded in the provenance
+    boxes: str | None = None  # annotation file: features at its boxes instead of detected ones (--boxes)
+    box_synonyms: bool = True  # map box categories to concepts through WordNet synonyms too
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_inflight_batches: int | None = None
     progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise

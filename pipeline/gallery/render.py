@@ -83,7 +83,9 @@ def render_concept(gallery: str | Path, concept: str, out: str | Path, *, max_pa
     draw.text((6, 8), title if total else f"{names[cid][0]} (id {cid}): no patches in this gallery",
               fill=(0, 0, 0), font=font)
     cache: OrderedDict[int, np.ndarray | str] = OrderedDict()
-    policy = DecodePolicy()
+    build = (reader.header.get("provenance") or {}).get("build") or {}
+    # decode as the build did (EXIF orientation or not), so the boxes fall on the same pixels
+    policy = DecodePolicy(mode=str(build.get("decode", "standard")), strict_modes=bool(build.get("strict_modes", True)))
     for k, (pid, conf) in enumerate(zip(pids, confs)):
         p = reader.patch(int(pid))
         rec = reader.image(p.image)

@@ -32,6 +32,17 @@ Preprocessor = Callable[[np.ndarray], Any]
 DetectorFactory = Callable[..., Any]
 
 
+@dataclass(frozen=True)
+class BoxPlan:
+    """Features at annotated boxes (`gallery build --boxes`): the annotation file and its
+    category -> concept id map, decided once by the driver; small, so it travels to Ray actors."""
+
+    path: str
+    concepts: list[list[str]] | None = None  # None: the detector's own vocabulary
+    synonyms: bool = True
+    min_pixels: float = 1.0
+
+
 @dataclass
 class DecodedItem:
     key: str
@@ -142,8 +153,13 @@ class DetectorRunner:
     """
 
     def __init__(self, config: str, weights: str | None = None, device: str = "auto",
-                 num_threads: int | None = None, factory: DetectorFactory | None = None) -> None:
+                 num_threads: int | None = None, factory: DetectorFactory | None = None,
+                 boxes: BoxPlan | None = None) -> None:
         import torch
+
+        self.box_plan = boxes
+        self._annotations: Any = None
+        self._to_concept: dict[str, int] = {}
 
         if num_threads:
             torch.set_num_threads(int(num_threads))
@@ -191,14 +207,45 @@ class DetectorRunner:
             same = False
         return pre if same else None
 
-    def _detect(self, inputs: list[Any]) -> list[Any]:
-        return list(self.detector.detect_preprocessed(inputs))
+    def _detect(self, inputs: list[Any], given: list[tuple[np.ndarray, np.ndarray]] | None = None) -> list[Any]:
+        if given is None:
+            return list(self.detector.detect_preprocessed(inputs))
+        return list(self.detector.detect_at_boxes(inputs, [g[0] for g in given], [g[1] for g in given]))
+
+    def _given_boxes(self, outcomes: list[ImageOutcome], todo: list[int]) -> tuple[list[int], list[Any]]:
+        """With a box plan: each image's annotated boxes and concepts; images with none are failures."""
+        from vlmixer.pipeline.gallery.annotations import boxes_for_image, map_categories, read_annotations
+        from vlmixer.storage.vocab import Vocabulary
+
+        plan = self.box_plan
+        assert plan is not None
+        if self._annotations is None:
+            ann = read_annotations(plan.path)
+            vocab = Vocabulary.from_json(plan.concepts) if plan.concepts else getattr(self.detector, "concepts", None)
+            if vocab is None:
+                raise RuntimeError("--boxes needs the concept vocabulary (--labelmap or --vocab)")
+            self._to_concept = map_categories(ann.category_counts(), vocab, synonyms=plan.synonyms).to_concept
+            self._annotations = ann
+        kept, given = [], []
+        for i in todo:
+            o = outcomes[i]
+            entry = self._annotations.lookup(o.key, o.path)
+            b, c, reason = boxes_for_image(entry, self._to_concept, o.width, o.height, plan.min_pixels)
+            if reason is not None:
+                o.failure = reason
+                continue
+            kept.append(i)
+            given.append((b, c))
+        return kept, given
 
     def run(self, batch: DecodedBatch) -> BatchPiece:
         t0 = time.perf_counter()
         outcomes = [ImageOutcome(key=d.key, path=d.path, width=d.width, height=d.height,
                                  failure=d.failure, note=d.note) for d in batch.items]
         todo = [i for i, d in enumerate(batch.items) if d.failure is None]
+        given: list[Any] | None = None
+        if self.box_plan is not None:
+            todo, given = self._given_boxes(outcomes, todo)
         inputs = []
         for i in todo:
             d = batch.items[i]
@@ -210,14 +257,14 @@ class DetectorRunner:
         results: list[Any] = []
         if inputs:
             try:
-                results = self._detect(inputs)
+                results = self._detect(inputs, given)
                 if len(results) != len(inputs):
                     raise RuntimeError(f"detector returned {len(results)} results for {len(inputs)} images")
             except Exception:  # noqa: BLE001  isolate the image that breaks the batch
                 results = []
-                for x in inputs:
+                for n, x in enumerate(inputs):
                     try:
-                        results.append(self._detect([x])[0])
+                        results.append(self._detect([x], None if given is None else [given[n]])[0])
                     except Exception as e:  # noqa: BLE001
                         results.append(e)
         for i, det in zip(todo, results):
@@ -226,6 +273,10 @@ class DetectorRunner:
                 o.failure = f"detector error ({type(det).__name__}: {str(det)[:100]})"
                 continue
             _check(det, self.feature_dim)
+            if len(_np(det.boxes)) == 0:
+                # e.g. a 10000x20 picture: every proposal is under the detector's minimum box size
+                o.failure = getattr(det, "empty_reason", None) or "no detections (the detector kept no box)"
+                continue
             feats = _np(det.features).astype(np.float16)
             if not np.all(np.isfinite(feats)):
                 o.failure = "non-finite detector features"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 from vlmixer.cli import CommandTree
-from vlmixer.pipeline.gallery.options import default
+from vlmixer.pipeline.gallery.options import DECODE_MODES, default
 from vlmixer.storage.finalize_budget import DEFAULT_FINALIZE_MEMORY_MB, MIN_FINALIZE_MEMORY_MB
 
 
@@ -22,7 +22,8 @@ def _build(a: argparse.Namespace) -> int:
         labelmap=a.labelmap, vocab=a.vocab, ray_address=a.ray_address, num_cpus=a.num_cpus,
         shard_size=a.shard_size, batch_size=a.batch_size, num_gpus_per_worker=a.num_gpus_per_worker,
         cpu_workers=a.cpu_workers, threads=a.threads, retry_failed=a.retry_failed, seed=a.seed, device=a.device,
-        strict_modes=not a.convert_modes, max_pixels=a.max_pixels,
+        strict_modes=not a.convert_modes, max_pixels=a.max_pixels, decode=a.decode, boxes=a.boxes,
+        box_synonyms=a.box_synonyms == "wordnet",
         progress=False if a.no_progress else None, max_listed=a.max_listed,
         finalize_memory_mb=a.finalize_memory_mb,
     )
@@ -95,6 +96,15 @@ def register(tree: CommandTree) -> None:
                         "recording them as failed")
     p.add_argument("--max-pixels", type=int, default=default("max_pixels"), metavar="N",
                    help="larger images are refused as decompression bombs (default: Pillow's %(default)s)")
+    p.add_argument("--decode", choices=list(DECODE_MODES), default=default("decode"),
+                   help="standard: EXIF orientation, alpha on white (default); reference: as VinVL's extractor, "
+                        "Image.open().convert('RGB'), no EXIF rotation (recorded in the provenance)")
+    p.add_argument("--boxes", metavar="ANNOTATIONS",
+                   help="features at these boxes instead of detected ones: COCO instances json, Visual Genome "
+                        "objects json, or jsonl {image, boxes:[[x1,y1,x2,y2]], labels:[...]}; the category maps "
+                        "to a concept by name, variant or WordNet synonym; confidence 1.0")
+    p.add_argument("--box-synonyms", choices=["wordnet", "off"], default="wordnet",
+                   help="map --boxes categories through WordNet synonyms too (default %(default)s)")
     p.add_argument("--max-listed", type=int, default=default("max_listed"), metavar="N",
                    help="failures listed in the summary (default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
