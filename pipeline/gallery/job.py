@@ -154,15 +154,15 @@ def validate(opts: BuildOptions) -> None:
         raise VlmixerError("--max-pixels must be >= 1")
 
 
-def _existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
+def existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
     from vlmixer.storage.gallery_writer import committed_shards, list_parts
 
     if not list_parts(out):
         return {}, []
-    return committed_shards(out), _failures(out)
+    return committed_shards(out), recorded_failures(out)
 
 
-def _failures(out: Path) -> list[dict[str, str]]:
+def recorded_failures(out: Path) -> list[dict[str, str]]:
     """Failed images of every part (key, path, reason, shard, part), without needing a manifest."""
     import msgpack
 
@@ -311,7 +311,7 @@ def build_gallery(opts: BuildOptions) -> BuildReport:
     t0 = time.perf_counter()
     out = Path(opts.out)
     items = read_source(opts.images, image_root=opts.image_root)
-    committed, failures = _existing_state(out)
+    committed, failures = existing_state(out)
     todo, skipped = plan(opts, items, committed, failures)
     report = BuildReport(out=str(out), images_planned=len(items), shards_skipped=skipped,
                          shards_planned=skipped + len(todo))
@@ -327,7 +327,7 @@ def build_gallery(opts: BuildOptions) -> BuildReport:
             progress.close()
     manifest = finalize_gallery(out)
     report.gallery_images, report.gallery_patches = manifest["images"], manifest["patches"]
-    report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in _failures(out)]
+    report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in recorded_failures(out)]
     report.seconds = time.perf_counter() - t0
     return report
 
