@@ -415,7 +415,7 @@ def to_outcome(row: RegionRow, labels: LabelMap, path: str) -> ImageOutcome:
     """A parsed row as the committer takes it: labels mapped, features checked and cast to fp16."""
     ids, confs, a_ids, a_sc = labels.map_row(row)
     f = row.features
-    peak = float(np.abs(f).max()) if f.size else 0.0
+    peak = max(float(f.max()), -float(f.min())) if f.size else 0.0  # no |f| temporary
     if not np.isfinite(peak):
         raise BadRow("non-finite feature values")
     if peak > FP16_MAX:
@@ -449,7 +449,7 @@ def _rows_of(shard: ImportShard, fmt: str) -> Iterator[tuple[int, tuple[bytes, .
 def _next_row(h: Any) -> bytes:
     while True:
         line = h.readline()
-        if not line or line.strip():
+        if not line or not line.isspace():  # isspace stops at the first byte; strip() would copy the row
             return line
 
 
