@@ -34,7 +34,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:26px 0 8px;border-bot
 table{border-collapse:collapse;font-size:13px} td,th{padding:3px 8px;border-bottom:1px solid #eee;text-align:left}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums} .note{color:#8a4b00;font-size:13px}
 pre{background:#f6f6f6;padding:8px;font-size:12px;max-height:320px;overflow:auto}
-.strip img{height:64px;margin-right:2px;border:1px solid #ccc;vertical-align:middle}
+.strip img{max-height:72px;max-width:120px;margin-right:2px;border:1px solid #ccc;vertical-align:middle}
 .plots img{margin-right:12px;border:1px solid #eee} .muted{color:#777}
 """
 
