@@ -142,6 +142,8 @@ def validate(opts: ImportOptions) -> None:
     for p in opts.inputs:
         if not Path(p).exists():
             raise VlmixerError(f"{p}: --input does not exist")
+        if opts.format != "npz" and not Path(p).is_file():
+            raise VlmixerError(f"{p}: --input of {opts.format} must be a file (a folder is for --format npz)")
     for name in ("vocab", "labelmap", "attribute_vocab"):
         v = getattr(opts, name)
         if v is not None and not Path(v).is_file():
