@@ -15,6 +15,7 @@ memory of a few shards. A resumed import refuses inputs whose sha256 changed.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 from collections import Counter
@@ -41,6 +42,7 @@ from vlmixer.pipeline.gallery.region_files import (
     parse_vinvl,
     read_npz,
     tsv_key,
+    vinvl_feature_dim,
 )
 from vlmixer.pipeline.gallery.sources import keys_digest
 from vlmixer.pipeline.gallery.work import BatchPiece, ImageOutcome, ShardCommitter, failure_category
@@ -319,6 +321,12 @@ def _head_lines(path: str, n: int = 100) -> Iterator[bytes]:
                 yield line
 
 
+def _refuse_empty(scans: Sequence[ScannedFile]) -> None:
+    for s in scans:
+        if len(s.rows) == 0:
+            raise VlmixerError(f"{s.path}: no rows to import")
+
+
 def make_plan(opts: ImportOptions) -> Plan:
     """Scan the inputs, decide the shards, the feature size, the label mapping and the provenance."""
     from vlmixer.files import sha256_file
@@ -343,14 +351,16 @@ def make_plan(opts: ImportOptions) -> Plan:
         if opts.format == "vinvl-tsv":
             fpath, ppath = _vinvl_files(opts.inputs)
             scans = [scan_tsv(fpath), scan_tsv(ppath)]
+            _refuse_empty(scans)
             if len(scans[0].rows) != len(scans[1].rows):
                 raise VlmixerError(f"{fpath} has {len(scans[0].rows)} rows but {ppath} {len(scans[1].rows)}: VinVL's "
                                    "features.tsv and predictions.tsv list the same images in the same order")
             labelled = True
-            dim = opts.feature_dim or _first_readable(_head_lines(fpath), _vinvl_dim)
+            dim = opts.feature_dim or _first_readable(_head_lines(fpath), vinvl_feature_dim)
             groups = [scans]
         else:
             scans = [scan_tsv(p) for p in opts.inputs]
+            _refuse_empty(scans)
             head = next(_head_lines(scans[0].path), b"")
             labelled = butd_labelled(head)
             dim = opts.feature_dim or _first_readable(_head_lines(scans[0].path), butd_feature_dim)
@@ -392,12 +402,6 @@ def make_plan(opts: ImportOptions) -> Plan:
         if v:
             prov["import"][f"{name}_sha256"] = sha256_file(v)
     return Plan(shards=shards, feature_dim=int(dim), labels=labels, provenance=prov, notes=notes)
-
-
-def _vinvl_dim(line: bytes) -> int:
-    from vlmixer.pipeline.gallery.region_files import vinvl_feature_dim
-
-    return vinvl_feature_dim(line)
 
 
 # -- reading one shard ----------------------------------------------------------------
@@ -470,9 +474,13 @@ def read_shard(shard: ImportShard, spec: ReaderSpec) -> tuple[BatchPiece, dict[s
         try:
             if isinstance(raw, str):
                 key_hint = Path(raw).stem
-                with open(raw, "rb") as fh:
-                    file_sha.update(hashlib.sha256(fh.read()).digest())
-                row = read_npz(raw, key_hint, spec.feature_dim)
+                try:
+                    with open(raw, "rb") as fh:
+                        data = fh.read()
+                except OSError as e:
+                    raise BadRow(f"unreadable file ({e.strerror})") from None
+                file_sha.update(hashlib.sha256(data).digest())
+                row = read_npz(io.BytesIO(data), key_hint, spec.feature_dim)
             elif spec.format == "vinvl-tsv":
                 key_hint = tsv_key(raw[0])
                 row = parse_vinvl(raw[0], raw[1], spec.feature_dim)
@@ -482,12 +490,13 @@ def read_shard(shard: ImportShard, spec: ReaderSpec) -> tuple[BatchPiece, dict[s
             if row.key in used:
                 raise BadRow(f"duplicate key ({row.key!r} appears twice in this shard)")
             o = to_outcome(row, spec.labels, spec.image_pattern.format(key=row.key) if spec.image_pattern else "")
-        except BadRow as e:
-            unknown.update(e.unknown)
+        except Exception as e:  # noqa: BLE001  one odd row must not cost the shard, let alone the job
+            reason = e.reason if isinstance(e, BadRow) else f"reader error ({type(e).__name__}: {str(e)[:100]})"
+            unknown.update(getattr(e, "unknown", ()))
             key = key_hint or where
             if key in used:
                 key = f"{key}@{where}"
-            o = ImageOutcome(key=key, path=where, failure=e.reason)
+            o = ImageOutcome(key=key, path=where, failure=reason)
         used.add(o.key)
         outcomes.append(o)
     piece = BatchPiece(images=outcomes, read_s=time.perf_counter() - t0, worker=f"{os.getpid()}")
@@ -552,8 +561,6 @@ def import_gallery(opts: ImportOptions) -> ImportReport:
                 _run_ray(opts, plan, spec, todo, progress, report)
         finally:
             progress.close()
-    elif not (out / "gallery.json").exists():  # an empty input still makes a (empty) gallery
-        _committer(str(out), plan).close()
     manifest = finalize_gallery(out)
     report.gallery_images, report.gallery_patches = manifest["images"], manifest["patches"]
     report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in recorded_failures(out)]

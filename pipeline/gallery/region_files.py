@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -240,7 +240,7 @@ def _scalar_int(v: Any, what: str) -> int:
         raise BadRow(f"bad {what} ({str(v)[:40]!r})") from None
 
 
-def read_npz(path: str | Path, key: str, feature_dim: int) -> RegionRow:
+def read_npz(path: str | Path | IO[bytes], key: str, feature_dim: int) -> RegionRow:
     """One MILVLG `.npz`; `info` goes through the restricted unpickler, never `allow_pickle=True`."""
     try:
         zf = zipfile.ZipFile(path)
