@@ -20,6 +20,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,18 +217,25 @@ def scan_tsv(path: str | Path) -> ScannedFile:
     nl: list[np.ndarray] = []
     idx = _lineidx(path)
     given = _read_lineidx(idx, size) if idx is not None else None
-    with open(path, "rb") as f:
-        pos = 0
-        buf = bytearray(_SCAN_CHUNK)
-        view = memoryview(buf)
+    # hashlib and numpy release the GIL: chunk k is hashed in a thread while its newlines are found
+    # here (two buffers alternate, so the next read never overwrites what is being hashed)
+    bufs = [bytearray(_SCAN_CHUNK), bytearray(_SCAN_CHUNK)]
+    with open(path, "rb") as f, ThreadPoolExecutor(1) as pool:
+        pos, k, hashing = 0, 0, None
         while True:
+            buf = bufs[k % 2]
             n = f.readinto(buf)
             if not n:
                 break
-            h.update(view[:n])
+            if hashing is not None:
+                hashing.result()
+            hashing = pool.submit(h.update, memoryview(buf)[:n])
             if given is None:
                 nl.append(np.flatnonzero(np.frombuffer(buf, np.uint8, count=n) == 10).astype(np.int64) + pos)
             pos += n
+            k += 1
+        if hashing is not None:
+            hashing.result()
     if given is not None:
         bounds = np.append(given, size).astype(np.int64)
         with open(path, "rb") as f:  # rows must start right after a newline: a stale index is refused
