@@ -84,12 +84,12 @@ def run_import(tsv: Path, out: Path, vocab: Path, attrs: Path, shard_size: int) 
         return r
 
     imports.read_shard = counting
-    samples: list[tuple[float, int, int]] = []
+    samples: list[tuple[float, int, int, int]] = []
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            samples.append((time.perf_counter(), done[0], _status("RssAnon")))
+            samples.append((time.perf_counter(), done[0], _status("RssAnon"), _status("RssFile")))
             stop.wait(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -104,12 +104,15 @@ def run_import(tsv: Path, out: Path, vocab: Path, attrs: Path, shard_size: int) 
         th.join()
         imports.read_shard = real
     secs = time.perf_counter() - t0
-    first_commit = next((t for t, d, _ in samples if d > 0), t0)
-    q1 = [r for _, d, r in samples if 0 < d <= total / 4]
-    q4 = [r for _, d, r in samples if d >= 3 * total / 4]
+    first_commit = next((t for t, d, _, _ in samples if d > 0), t0)
+    q1 = [r for _, d, r, _ in samples if 0 < d <= total / 4]
+    q4 = [r for _, d, r, _ in samples if d >= 3 * total / 4]
+    f1 = [f for _, d, _, f in samples if 0 < d <= total / 4]
+    f4 = [f for _, d, _, f in samples if d >= 3 * total / 4]
     return {"rows": rep.rows_done, "seconds": secs, "scan_seconds": first_commit - t0, "failed": len(rep.failed),
             "hwm_quarter": marks.get("quarter", 0), "hwm_end": _status("VmHWM"),
-            "anon_q1": max(q1, default=0), "anon_q4": max(q4, default=0), "patches": rep.gallery_patches}
+            "anon_q1": max(q1, default=0), "anon_q4": max(q4, default=0), "file_q1": max(f1, default=0),
+            "file_q4": max(f4, default=0), "patches": rep.gallery_patches}
 
 
 def main() -> int:
@@ -145,7 +148,8 @@ def main() -> int:
         print(f"peak RSS (VmHWM, counts LMDB's mapped file pages): {r['hwm_quarter'] / 2**20:.0f} MiB after the "
               f"first quarter of rows, {r['hwm_end'] / 2**20:.0f} MiB at the end ({100 * growth:+.1f}%); peak "
               f"anonymous RSS (the process's own memory) {r['anon_q1'] / 2**20:.0f} MiB in the first quarter, "
-              f"{r['anon_q4'] / 2**20:.0f} MiB in the last ({100 * anon:+.1f}%, target within 10%); "
+              f"{r['anon_q4'] / 2**20:.0f} MiB in the last ({100 * anon:+.1f}%, target within 10%); mapped file "
+              f"pages {r['file_q1'] / 2**20:.0f} / {r['file_q4'] / 2**20:.0f} MiB; "
               f"gallery {sum(f.stat().st_size for f in (root / 'gallery').rglob('*') if f.is_file()) / 1e9:.2f} GB")
     finally:
         if a.keep:
