@@ -595,13 +595,21 @@ def _committer(out: str, plan: Plan) -> _Writer:
 
 def _run_in_process(opts: ImportOptions, plan: Plan, spec: ReaderSpec, todo: list[ImportShard],
                     progress: Progress, report: ImportReport) -> None:
+    """Shard k commits in a writer thread while shard k + 1 is parsed (LMDB and numpy copies release
+    the GIL); one shard waits at most, so memory stays that of two shards. Commits keep plan order."""
     committer = _committer(str(opts.out), plan)
     report.mode = "in-process"
     try:
-        for shard in todo:
-            piece, summary = read_shard(shard, spec)
-            progress.update(summary)
-            _record(report, committer.commit_piece(shard.shard_id, summary["extra"], piece))
+        with ThreadPoolExecutor(1, thread_name_prefix="gallery-writer") as writer:
+            committing = None
+            for shard in todo:
+                piece, summary = read_shard(shard, spec)
+                progress.update(summary)
+                if committing is not None:
+                    _record(report, committing.result())
+                committing = writer.submit(committer.commit_piece, shard.shard_id, summary["extra"], piece)
+            if committing is not None:
+                _record(report, committing.result())
     finally:
         committer.close()
 
