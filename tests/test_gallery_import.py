@@ -331,7 +331,10 @@ def test_scan_finds_rows_and_checks_lineidx(tmp_path: Path) -> None:
 
 
 def test_verify_passes_and_train_runs_on_an_imported_gallery(tmp_path: Path) -> None:
-    from vlmixer.trainer.synthetic import CONCEPTS, tiny_stores
+    try:  # the tiny store builders live in storage/ on main, in trainer/ on this branch's base
+        from vlmixer.storage.synthetic import CONCEPTS, tiny_stores
+    except ImportError:
+        from vlmixer.trainer.synthetic import CONCEPTS, tiny_stores
 
     _, text = tiny_stores(tmp_path / "stores", n_images=4, n_sentences=64, feature_dim=64)
     (tmp_path / "concepts.txt").write_text("\n".join(CONCEPTS) + "\n")
