@@ -57,6 +57,9 @@ def test_demo_small_writes_every_output(tmp_path: Path, capsys: pytest.CaptureFi
             assert im.width > 100 and im.height > 100
     assert s["grids"] and all(n.startswith("gallery_") for n in s["grids"])
 
+    report = (out / "gallery_report.html").read_text(encoding="utf-8")
+    assert "(gallery_report.html)" in md and f"{g.num_images:,} images" in report and "built with a detector" in report
+
     html = (out / "mix.html").read_text(encoding="utf-8")
     p = _Images()
     p.feed(html)

@@ -223,7 +223,7 @@ def gallery_contents(root: Path) -> dict[str, dict]:
         out[rec.key] = {
             "size": (rec.width, rec.height),
             "boxes": np.array([p.box for p in patches], np.float32).reshape(-1, 4),
-            "features": np.array([p.feature for p in patches], np.float16).reshape(len(patches), -1),
+            "features": np.array([p.feature for p in patches], np.float16).reshape(len(patches), r.feature_dim),
             "concepts": [p.concept for p in patches],
             "confidences": np.array([p.confidence for p in patches], np.float32),
             "attrs": [(p.attr_ids.tolist(), p.attr_scores.tolist()) for p in patches],

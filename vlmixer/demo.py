@@ -3,7 +3,7 @@
 Every stage runs through the same CLI entry points a user types, in this
 process, so the demo exercises exactly what the README documents:
 real photos from scikit-image (plus synthetic scenes) -> Ray gallery build
-with the tiny detector -> spaCy tagging of bundled captions against the
+with the tiny detector -> gallery report page -> spaCy tagging of bundled captions against the
 gallery's vocabulary -> tiny pre-training -> pictures and a summary.
 The detector has random weights unless `--detector-weights` is given, so its
 concept labels are arbitrary: the demo shows the machinery, not semantics.
@@ -193,6 +193,9 @@ def run_demo(out: str | Path, *, size: str = "full", detector_weights: str | Non
     times.run("mix show", lambda: cli(["mix", "show", "--text", str(text), "--gallery", str(gallery),
                                        "--n", "12", "--out", str(out / "mix.html")]), log)
 
+    times.run("gallery report", lambda: cli(["gallery", "report", str(gallery), "--out",
+                                             str(out / "gallery_report.html")]), log)
+
     t = TextStoreReader(text)
     counts = g.concept_counts()
     top = [int(c) for c in np.argsort(-counts, kind="stable")[:3] if counts[c] > 0]
@@ -261,6 +264,8 @@ Throughput: gallery build {s['images_per_second']} images/s, tagging {s['sentenc
 
 ![losses](loss.png)
 
+Gallery report (counts, provenance, histograms, concept strips, failures):
+[gallery_report.html](gallery_report.html).
 Multi-modal sentences: [mix.html](mix.html). Patch grids: {', '.join(f'[{g}]({g})' for g in s['grids'])}.
 TensorBoard: `tensorboard --logdir run`.
 """

@@ -156,7 +156,7 @@ def _same_pixels_and_boxes(out: Path, opts: BuildOptions) -> None:
         raise VlmixerError(f"{out}: this gallery holds {had}; resume it with the same boxes or use a new --out")
 
 
-def _existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
+def existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str, str]]]:
     from vlmixer.storage.gallery_failures import failed_images
     from vlmixer.storage.gallery_writer import committed_shards, list_parts
 
@@ -337,7 +337,7 @@ def build_gallery(opts: BuildOptions) -> BuildReport:
     _same_pixels_and_boxes(out, opts)
     with build_lock(out):
         items = read_source(opts.images, image_root=opts.image_root)
-        committed, failures = _existing_state(out)
+        committed, failures = existing_state(out)
         todo, skipped = plan(opts, items, committed, failures)
         report = BuildReport(out=str(out), images_planned=len(items), shards_skipped=skipped,
                              shards_planned=skipped + len(todo))

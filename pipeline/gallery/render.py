@@ -40,7 +40,7 @@ def resolve_concept(names: list[list[str]], concept: str) -> int:
     raise VlmixerError(f"concept {concept!r} is not in the gallery's vocabulary{hint}")
 
 
-def _crop(img: np.ndarray, box: np.ndarray, stored_wh: tuple[int, int], cell: int) -> Image.Image:
+def crop_patch(img: np.ndarray, box: np.ndarray, stored_wh: tuple[int, int], cell: int) -> Image.Image:
     h, w = img.shape[:2]
     sx, sy = w / max(stored_wh[0], 1), h / max(stored_wh[1], 1)  # the file changed size since the build
     x1, y1, x2, y2 = (float(box[0]) * sx, float(box[1]) * sy, float(box[2]) * sx, float(box[3]) * sy)
@@ -52,6 +52,16 @@ def _crop(img: np.ndarray, box: np.ndarray, stored_wh: tuple[int, int], cell: in
         f = (cell // 2) / max(crop.width, crop.height)
         crop = crop.resize((max(1, round(crop.width * f)), max(1, round(crop.height * f))), Image.NEAREST)
     return crop
+
+
+def image_path(stored: str, key: str, image_root: str | Path | None) -> Path:
+    """Where an image's file is now: its stored path, else (the collection moved since the build)
+    `image_root/KEY` or `image_root/<stored file name>`."""
+    path = Path(stored)
+    if image_root is not None and not path.is_file():
+        cands = [Path(image_root) / key, Path(image_root) / path.name]
+        path = next((c for c in cands if c.is_file()), path)
+    return path
 
 
 def _placeholder(cell: int, text: str) -> Image.Image:
@@ -90,10 +100,7 @@ def render_concept(gallery: str | Path, concept: str, out: str | Path, *, max_pa
         p = reader.patch(int(pid))
         rec = reader.image(p.image)
         if p.image not in cache:
-            path = Path(rec.path)
-            if image_root is not None and not path.is_file():  # the collection moved since the build
-                cands = [Path(image_root) / rec.key, Path(image_root) / path.name]
-                path = next((c for c in cands if c.is_file()), path)
+            path = image_path(rec.path, rec.key, image_root)
             try:
                 cache[p.image] = load_rgb(path, policy).array
             except BadImage as e:
@@ -102,7 +109,7 @@ def render_concept(gallery: str | Path, concept: str, out: str | Path, *, max_pa
                 cache.popitem(last=False)
         src = cache[p.image]
         tile = (_placeholder(cell, src[:20]) if isinstance(src, str)
-                else _crop(src, p.box, (rec.width, rec.height), cell))
+                else crop_patch(src, p.box, (rec.width, rec.height), cell))
         r, c = divmod(k, cols)
         x0, y0 = c * cell, TITLE_H + r * (cell + LABEL_H)
         sheet.paste(tile, (x0 + (cell - tile.width) // 2, y0 + (cell - tile.height) // 2))

@@ -395,5 +395,20 @@ class ShardCommitter:
     def committed(self) -> dict[str, dict[str, Any]]:
         return self._writer.committed_shards()
 
+    def stored_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        """Which of `keys` this part already holds, with the shard that stored each: a source that
+        lists an image twice (an import of released features) must not fail a whole shard on it."""
+        import msgpack
+
+        w = self._writer
+        found: dict[str, str] = {}
+        with w.env.begin() as txn:
+            for k in keys:
+                idx = txn.get(k.encode("utf-8"), db=w.dbs[b"imgkey"])
+                if idx is not None:
+                    rec = txn.get(bytes(idx), db=w.dbs[b"image"])
+                    found[k] = msgpack.unpackb(bytes(rec)).get("shard", "?") if rec is not None else "?"
+        return found
+
     def close(self) -> None:
         self._writer.close()

@@ -1,4 +1,4 @@
-"""`vlmixer gallery build | show | finalize` (`gallery info` lives in stores.py).
+"""`vlmixer gallery build | import | export | report | show | finalize` (`gallery info` lives in stores.py).
 
 Thin wiring: arguments -> `pipeline.gallery` functions, which are the Python
 API too. The build's defaults come from `BuildOptions` (a light module);
@@ -49,6 +49,39 @@ def _finalize(a: argparse.Namespace) -> int:
     with build_lock(a.gallery):  # not while a build writes it
         m = finalize_gallery(a.gallery, a.memory_mb)
     print(f"{a.gallery}: index rebuilt: {m['images']} images, {m['patches']} patches, {m['failed']} failed")
+    return 0
+
+
+def _import(a: argparse.Namespace) -> int:
+    from vlmixer.pipeline.gallery.imports import ImportOptions, import_gallery
+
+    opts = ImportOptions(
+        format=a.format, inputs=tuple(a.input), out=a.out, vocab=a.vocab, labelmap=a.labelmap,
+        attribute_vocab=a.attribute_vocab, concepts=a.concepts, id_base=a.id_base, feature_dim=a.feature_dim,
+        image_pattern=a.image_pattern, shard_size=a.shard_size, ray_address=a.ray_address, num_cpus=a.num_cpus,
+        progress=False if a.no_progress else None, max_listed=a.max_listed)
+    report = import_gallery(opts)
+    print(report.summary(opts.max_listed))
+    return report.exit_code
+
+
+def _export(a: argparse.Namespace) -> int:
+    from vlmixer.pipeline.gallery.exports import export_gallery
+
+    r = export_gallery(a.gallery, a.out, a.format, columns=a.columns)
+    print(f"{r['out']}: {r['images']} images, {r['patches']} patches as {r['format']} (float32); "
+          f"vocabularies: {', '.join(r['vocabularies'])}")
+    return 0
+
+
+def _report(a: argparse.Namespace) -> int:
+    from vlmixer.pipeline.gallery.report import write_report
+
+    r = write_report(a.gallery, a.out, image_root=a.image_root, top=a.top, strip=a.strip)
+    print(f"{r['out']}: {r['images']} images, {r['patches']} patches, {r['failed']} failed, "
+          f"{r['concepts_with_patches']} of {r['concepts']} concepts with patches")
+    for n in r["notes"]:
+        print(f"note: {n}")
     return 0
 
 
@@ -132,3 +165,56 @@ def register(tree: CommandTree) -> None:
                    help="peak memory: the concept index is sorted on disk in runs that fit it, so any "
                         f"gallery size finalizes within it (default %(default)s, at least {MIN_FINALIZE_MEMORY_MB})")
 
+
+    i = tree.subcommand(
+        "gallery", "import", _import,
+        help="turn released region features (VinVL TSV, bottom-up-attention/LXMERT TSV, MILVLG npz) into a "
+             "gallery (Ray, resumable)",
+        example="vlmixer gallery import --format butd-tsv --input train2014_obj36.tsv "
+                "--vocab objects_vocab.txt --attribute-vocab attributes_vocab.txt --out gallery")
+    i.add_argument("--format", required=True, choices=("vinvl-tsv", "butd-tsv", "npz"),
+                   help="vinvl-tsv: features.tsv + predictions.tsv; butd-tsv: bottom-up-attention's or "
+                        "LXMERT's TSV; npz: a folder of MILVLG per-image .npz")
+    i.add_argument("--input", required=True, nargs="+", metavar="FILE",
+                   help="the file(s) to import (VinVL: its features.tsv and predictions.tsv; npz: a folder)")
+    i.add_argument("--out", required=True, metavar="GALLERY", help="gallery directory (resumed if it exists)")
+    i.add_argument("--vocab", metavar="TXT", help="concept vocabulary, one entry per line (e.g. objects_vocab.txt)")
+    i.add_argument("--labelmap", metavar="JSON", help="VinVL label map (label_to_idx, attribute_to_idx) instead")
+    i.add_argument("--attribute-vocab", metavar="TXT", help="attribute names, one per line (attributes_vocab.txt)")
+    i.add_argument("--concepts", choices=("none",),
+                   help="'none' imports a file without labels; Cross-Modal CutMix cannot use such a gallery")
+    i.add_argument("--id-base", type=int, metavar="N",
+                   help="the file's id of the first vocabulary entry (default 1 for npz, whose 0 is background; "
+                        "else 0)")
+    i.add_argument("--feature-dim", type=int, metavar="D", help="feature size (default: from the first row)")
+    i.add_argument("--image-pattern", metavar="PATTERN",
+                   help="where the source images are, for reports and pictures, e.g. 'coco/{key}.jpg'")
+    i.add_argument("--shard-size", type=int, default=256, metavar="N",
+                   help="rows per shard, the unit of commit and resume (default 256); keep it when resuming")
+    i.add_argument("--ray-address", default="local", metavar="ADDR",
+                   help="'local' starts Ray here (default), 'auto' or an address joins a cluster, 'none' "
+                        "runs in this process")
+    i.add_argument("--num-cpus", type=int, metavar="N", help="CPUs for a local Ray (default: all)")
+    i.add_argument("--max-listed", type=int, default=50, metavar="N", help="bad rows listed in the summary")
+    i.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+    e = tree.subcommand(
+        "gallery", "export", _export,
+        help="write a gallery as LXMERT/bottom-up-attention TSV or MILVLG npz (float32) for other tools",
+        example="vlmixer gallery export gallery --format butd-tsv --out features/gallery_obj.tsv")
+    e.add_argument("gallery", help="gallery directory")
+    e.add_argument("--format", required=True, choices=("butd-tsv", "npz"), help="output format")
+    e.add_argument("--out", required=True, metavar="PATH", help="the .tsv file, or the folder for npz")
+    e.add_argument("--columns", default="lxmert", choices=("lxmert", "butd"),
+                   help="butd-tsv only: LXMERT's 10 columns with labels (default) or bottom-up-attention's 6")
+
+    r = tree.subcommand(
+        "gallery", "report", _report,
+        help="one self-contained HTML page: counts, provenance, histograms, frequent/rare concepts with "
+             "patch strips, failures",
+        example="vlmixer gallery report gallery --out report.html")
+    r.add_argument("gallery", help="gallery directory")
+    r.add_argument("--out", required=True, metavar="FILE.html", help="page to write")
+    r.add_argument("--image-root", metavar="DIR", help="look source images up here when their stored path moved")
+    r.add_argument("--top", type=int, default=30, metavar="N", help="most and least frequent concepts listed (30)")
+    r.add_argument("--strip", type=int, default=8, metavar="N", help="patches per concept strip (8)")
