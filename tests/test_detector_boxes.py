@@ -178,3 +178,25 @@ def test_decode_mode_in_provenance_and_flat_image_recorded(world, tmp_path):
             "--out", str(out), "--ray-address", "none", "--device", "cpu", "--no-progress"]
     assert main(base) == 2
     assert main(base + ["--decode", "reference", "--boxes", str(world["root"] / "boxes.jsonl")]) == 2
+
+
+def test_bad_annotation_files_are_one_line_errors(tmp_path):
+    from vlmixer.errors import VlmixerError
+
+    bad = tmp_path / "a.json"
+    bad.write_text("{not json")
+    with pytest.raises(VlmixerError, match=r"a\.json: not json"):
+        read_annotations(bad)
+    other = tmp_path / "b.json"
+    other.write_text(json.dumps({"something": []}))
+    with pytest.raises(VlmixerError, match="expected COCO instances"):
+        read_annotations(other)
+    with pytest.raises(VlmixerError, match="cannot read box annotations"):
+        read_annotations(tmp_path / "missing.json")
+    coco = tmp_path / "c.json"
+    coco.write_text(json.dumps({"images": [], "categories": [{"id": 1, "name": "dog"}],
+                                "annotations": [{"image_id": 1, "bbox": [0, 0, 5], "category_id": 1},
+                                                {"image_id": 1, "bbox": [0, 0, 5, 5], "category_id": 2}]}))
+    ann = read_annotations(coco)
+    assert ann.images == {} and len(ann.problems) == 2  # recorded, not raised
+    assert "4 numbers" in ann.problems[0] and "category_id 2" in ann.problems[1]
