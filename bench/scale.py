@@ -1,6 +1,6 @@
 """Scale benchmark: memory must follow a budget or the work in flight, not the data.
 
-    .venv/bin/python bench/scale.py finalize [--sizes 1000000 10000000 50000000] [--memory-mb 512]
+    .venv/bin/python bench/scale.py finalize [--sizes 1000000 10000000 50000000] [--memory-mb 512 ...]
                                              [--in-memory 1000000 10000000] [--work DIR]
 
 Each measurement runs in a fresh child process, which reports its peak RSS
@@ -86,12 +86,14 @@ def write_gallery(root: Path, n_patches: int, images_per_shard: int = 20_000) ->
 
 
 def child_finalize(root: str, memory_mb: str) -> dict:
+    from vlmixer.storage.finalize_budget import SortBudget
     from vlmixer.storage.gallery_finalize import finalize_gallery
 
     base = peak_rss_mb()
     t0 = time.perf_counter()
     m = finalize_gallery(root, None if memory_mb == "none" else int(memory_mb))
-    return {"patches": m["patches"], "seconds": round(time.perf_counter() - t0, 2),
+    runs = 1 if memory_mb == "none" else -(-m["patches"] // SortBudget.from_memory_mb(int(memory_mb)).run_records)
+    return {"patches": m["patches"], "seconds": round(time.perf_counter() - t0, 2), "runs": runs,
             "peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_imports_mb": round(base, 1)}
 
 
@@ -109,7 +111,7 @@ def bench_finalize(a: argparse.Namespace) -> None:
     print(f"gallery finalize: peak RSS (VmHWM) of the finalizing process, {PER_IMAGE} patches per image, "
           f"{N_CONCEPTS} concepts, {os.cpu_count()} CPUs; {time.strftime('%Y-%m-%d')}")
     print(f"{'patches':>12} {'path':>10} {'peak RSS MB':>12} {'after imports':>14} {'seconds':>8} "
-          f"{'s per M':>8} {'write s':>8} {'load avg':>9}")
+          f"{'s per M':>8} {'runs':>5} {'write s':>8} {'load avg':>9}")
     work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="vlmixer-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -119,7 +121,7 @@ def bench_finalize(a: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             write_gallery(root, n)
             t_write = time.perf_counter() - t0
-            paths = [str(a.memory_mb)] + (["none"] if n in a.in_memory else [])
+            paths = [str(m) for m in a.memory_mb] + (["none"] if n in a.in_memory else [])
             digests = {}
             for mem in paths:
                 r = _child("finalize", str(root), mem)
@@ -127,7 +129,7 @@ def bench_finalize(a: argparse.Namespace) -> None:
                 digests[mem] = index_digest(root) if len(paths) > 1 else ""
                 label = f"{mem} MB" if mem != "none" else "in memory"
                 print(f"{n:>12,} {label:>10} {r['peak_rss_mb']:>12.1f} {r['rss_after_imports_mb']:>14.1f} "
-                      f"{r['seconds']:>8.1f} {r['seconds'] / (n / 1e6):>8.2f} {t_write:>8.0f} "
+                      f"{r['seconds']:>8.1f} {r['seconds'] / (n / 1e6):>8.2f} {r['runs']:>5} {t_write:>8.0f} "
                       f"{os.getloadavg()[0]:>9.1f}", flush=True)
             if len(set(digests.values())) > 1:
                 raise SystemExit(f"{n} patches: budgeted and in-memory index files differ")
@@ -139,7 +141,8 @@ def bench_finalize(a: argparse.Namespace) -> None:
 
 def args_finalize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, 50_000_000])
-    p.add_argument("--memory-mb", type=int, default=512)
+    p.add_argument("--memory-mb", type=int, nargs="+", default=[512],
+                   help="budgets to finalize each gallery with (several: how the number of runs costs)")
     p.add_argument("--in-memory", type=int, nargs="*", default=[1_000_000, 10_000_000],
                    help="sizes at which to also finalize in memory (and compare the index bytes)")
     p.add_argument("--work", help="where the galleries are written (default: a temporary folder)")

@@ -45,6 +45,8 @@ from vlmixer.storage.npy_stream import NpyReader, NpyWriter, npy_from_raw
 
 # in-memory path: patches per step where it streams (bounds its temporaries beside the sorts)
 _CHUNK = 1 << 22
+# disk finalize needs at its peak: the index files (28 B) and the sorted runs (20 B) of a patch
+INDEX_BYTES_PER_PATCH = 48
 
 
 @dataclass(frozen=True)
@@ -77,14 +79,20 @@ def finalize_gallery(root: str | Path, memory_mb: int | None = DEFAULT_FINALIZE_
     if tmp.exists():
         shutil.rmtree(tmp)  # a crashed finalize's leftovers
     tmp.mkdir()
-    if budget is None:
-        write_patch_arrays(tmp, layout)
-        write_concept_index(tmp, layout)
-        write_image_contexts(tmp, layout)
-    else:
-        counts = stream_patch_arrays(tmp, layout, budget)
-        sort_concept_index(tmp, layout, budget, counts)
-        stream_image_contexts(tmp, layout, budget)
+    try:
+        if budget is None:
+            write_patch_arrays(tmp, layout)
+            write_concept_index(tmp, layout)
+            write_image_contexts(tmp, layout)
+        else:
+            counts = stream_patch_arrays(tmp, layout, budget)
+            sort_concept_index(tmp, layout, budget, counts)
+            stream_image_contexts(tmp, layout, budget)
+    except OSError as e:  # a full disk, most likely: the old index and manifest are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise StoreError(f"{layout.root}: finalize could not write its index in {tmp} ({e.strerror or e}); "
+                         f"it needs about {INDEX_BYTES_PER_PATCH} bytes per patch free beside the gallery, "
+                         f"{INDEX_BYTES_PER_PATCH * layout.n_patches >> 20} MB here") from None
     install_index(layout.root, tmp)
     return write_manifest(layout, n_failed)
 

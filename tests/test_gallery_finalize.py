@@ -268,3 +268,26 @@ def test_failures_counted_once_per_image_over_parts(tmp_path: Path) -> None:
         ("only0", "part-00000", "bad in part 0"), ("twice", "part-00001", "bad in part 1")]
     assert count_failed_images(tmp_path / "g") == 2
     assert gf.finalize_gallery(tmp_path / "g", budget=BUDGETS["chunk7"])["failed"] == 2
+
+
+def test_a_full_disk_is_one_clear_error_and_the_old_index_stays(tied: tuple[Path, dict[str, bytes]],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    root, want = tied
+    gf.finalize_gallery(root, budget=BUDGETS["chunk7"])
+    calls = [0]
+    real = gf.NpyWriter.append
+
+    def append(self: gf.NpyWriter, values: np.ndarray) -> None:
+        calls[0] += 1
+        if calls[0] == 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, values)
+
+    monkeypatch.setattr(gf.NpyWriter, "append", append)
+    with pytest.raises(StoreError, match=r"could not write its index .*No space left on device.*bytes per patch"):
+        gf.finalize_gallery(root, budget=BUDGETS["chunk7"])
+    assert sorted(p.name for p in root.iterdir()) == ["gallery.json", "index", "manifest.json", "parts"]
+    assert index_bytes(root) == want
+    GalleryReader(root).close()
