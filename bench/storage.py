@@ -16,7 +16,7 @@ timed with `check_blocks=True` (first pass: every block checked once; then
 steady state); `verify` is timed in full (every block's CRC-32) and `--quick`,
 in GB of features per second.
 
-    python bench/storage.py [--patches 200000] [--dim 2048] [--out DIR] [--keep]
+    python bench/storage.py [--patches 200000] [--dim 2048] [--out DIR] [--keep] [--control]
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ from vlmixer.storage.verify import verify_gallery
 from vlmixer.storage.vocab import Vocabulary
 
 
-def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int, per_shard: int
-          ) -> dict[str, float]:
+def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int, per_shard: int,
+          control: bool = False) -> dict[str, float]:
     """Write the gallery at `root` and, shard by shard, the same shards into a twin at `root-nosums`
     whose checksum is a constant (the same puts, no CRC-32 computed). The two commits of a shard
     run back to back, in alternating order, so a machine shared with other jobs slows both alike.
@@ -66,7 +66,8 @@ def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int,
     def constant(*args: Any) -> bytes:
         return b"\0" * 8
 
-    sums = {"commit": (timed(crc), timed(extend)), "commit_nosums": (constant, constant)}
+    # control: the twin computes checksums too (an A/A run): what remains is the bias of the set-up
+    sums = {"commit": (timed(crc), timed(extend)), "commit_nosums": (crc, extend) if control else (constant, constant)}
     written, shard = 0, 0
     try:
         while written < n_patches:
@@ -105,12 +106,15 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=100_000)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--control", action="store_true", help="A/A run: the twin computes checksums as well")
     a = ap.parse_args()
     root = a.out or Path(tempfile.mkdtemp(prefix="vlmixer-bench-")) / "gallery"
     if root.exists():
         shutil.rmtree(root)
     print(f"machine: {os.cpu_count()} cpus; gallery {a.patches} patches x {a.dim}-d fp16 at {root}")
-    sec = build(root, a.patches, a.dim, a.concepts, per_image=30, per_shard=256)
+    sec = build(root, a.patches, a.dim, a.concepts, per_image=30, per_shard=256, control=a.control)
+    if a.control:
+        print("control run: the twin computes checksums too; the comparison below shows the set-up's bias")
     print(f"write: {a.patches / sec['total']:,.0f} patches/s ({sec['total']:.1f} s, of which commits "
           f"{sec['commit']:.1f} s)")
     print(f"block checksums on write: commits {sec['commit']:.2f} s wall / {sec['commit_cpu']:.2f} s cpu with "
