@@ -16,7 +16,7 @@ timed with `check_blocks=True` (first pass: every block checked once; then
 steady state); `verify` is timed in full (every block's CRC-32) and `--quick`,
 in GB of features per second.
 
-    python bench/storage.py [--patches 200000] [--dim 2048] [--out DIR] [--keep]
+    python bench/storage.py [--patches 200000] [--dim 2048] [--out DIR] [--keep] [--control]
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,29 +39,35 @@ from vlmixer.storage.verify import verify_gallery
 from vlmixer.storage.vocab import Vocabulary
 
 
-def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int, per_shard: int
-          ) -> dict[str, float]:
+def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int, per_shard: int,
+          control: bool = False) -> dict[str, float]:
     """Write the gallery at `root` and, shard by shard, the same shards into a twin at `root-nosums`
     whose checksum is a constant (the same puts, no CRC-32 computed). The two commits of a shard
     run back to back, in alternating order, so a machine shared with other jobs slows both alike.
-    Returns seconds: `total` (filling shards + committing, with checksums), `commit`, `commit_nosums`,
-    and `crc` (inside the CRC-32 itself)."""
+    Returns seconds: `total` (filling shards + committing, with checksums), `commit`, `commit_nosums`
+    (wall; `_cpu`: CPU time, which leaves out waiting for fsync), and `crc` (inside the CRC-32 itself)."""
     rng = np.random.default_rng(0)
     vocab = Vocabulary(names=tuple(f"c{i}" for i in range(n_concepts)))
     twin = root.with_name(root.name + "-nosums")
     writers = {"commit": GalleryWriter(root, feature_dim=dim, concepts=vocab, map_size=1 << 28),
                "commit_nosums": GalleryWriter(twin, feature_dim=dim, concepts=vocab, map_size=1 << 28)}
     feats = rng.standard_normal((per_image * per_shard, dim)).astype(np.float16)  # reused: rate of the store only
-    crc = fmt.block_sums
-    spent = dict.fromkeys(("commit", "commit_nosums", "crc", "fill"), 0.0)
+    crc, extend = fmt.block_sums, fmt.extend_sums
+    spent = dict.fromkeys(("commit", "commit_nosums", "commit_cpu", "commit_nosums_cpu", "crc", "fill"), 0.0)
 
-    def timed_crc(f: bytes, r: bytes) -> bytes:
-        t = time.perf_counter()
-        out = crc(f, r)
-        spent["crc"] += time.perf_counter() - t
-        return out
+    def timed(fn: Callable[..., bytes]) -> Callable[..., bytes]:
+        def run(*args: Any) -> bytes:
+            t = time.perf_counter()
+            out = fn(*args)
+            spent["crc"] += time.perf_counter() - t
+            return out
+        return run
 
-    sums = {"commit": timed_crc, "commit_nosums": lambda f, r: b"\0" * 8}
+    def constant(*args: Any) -> bytes:
+        return b"\0" * 8
+
+    # control: the twin computes checksums too (an A/A run): what remains is the bias of the set-up
+    sums = {"commit": (timed(crc), timed(extend)), "commit_nosums": (crc, extend) if control else (constant, constant)}
     written, shard = 0, 0
     try:
         while written < n_patches:
@@ -76,13 +84,14 @@ def build(root: Path, n_patches: int, dim: int, n_concepts: int, per_image: int,
                 written += n
             spent["fill"] += time.perf_counter() - t
             for name in (("commit", "commit_nosums") if shard % 2 == 0 else ("commit_nosums", "commit")):
-                fmt.block_sums = sums[name]
-                t = time.perf_counter()
+                fmt.block_sums, fmt.extend_sums = sums[name]
+                t, c = time.perf_counter(), time.process_time()
                 writers[name].commit(buf)
                 spent[name] += time.perf_counter() - t
+                spent[name + "_cpu"] += time.process_time() - c
             shard += 1
     finally:
-        fmt.block_sums = crc
+        fmt.block_sums, fmt.extend_sums = crc, extend
         for w in writers.values():
             w.close()
     shutil.rmtree(twin)
@@ -97,17 +106,22 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=100_000)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--control", action="store_true", help="A/A run: the twin computes checksums as well")
     a = ap.parse_args()
     root = a.out or Path(tempfile.mkdtemp(prefix="vlmixer-bench-")) / "gallery"
     if root.exists():
         shutil.rmtree(root)
     print(f"machine: {os.cpu_count()} cpus; gallery {a.patches} patches x {a.dim}-d fp16 at {root}")
-    sec = build(root, a.patches, a.dim, a.concepts, per_image=30, per_shard=256)
+    sec = build(root, a.patches, a.dim, a.concepts, per_image=30, per_shard=256, control=a.control)
+    if a.control:
+        print("control run: the twin computes checksums too; the comparison below shows the set-up's bias")
     print(f"write: {a.patches / sec['total']:,.0f} patches/s ({sec['total']:.1f} s, of which commits "
           f"{sec['commit']:.1f} s)")
-    print(f"block checksums on write: commits {sec['commit']:.2f} s with CRC-32 vs {sec['commit_nosums']:.2f} s "
-          f"without (same shards, interleaved): {100 * (sec['commit'] / sec['commit_nosums'] - 1):+.1f}%; time "
-          f"inside the CRC-32 itself {sec['crc']:.2f} s = {100 * sec['crc'] / sec['total']:.1f}% of the write "
+    print(f"block checksums on write: commits {sec['commit']:.2f} s wall / {sec['commit_cpu']:.2f} s cpu with "
+          f"CRC-32 vs {sec['commit_nosums']:.2f} s / {sec['commit_nosums_cpu']:.2f} s without (same shards, "
+          f"interleaved): {100 * (sec['commit'] / sec['commit_nosums'] - 1):+.1f}% wall (fsync-bound, noisy on a "
+          f"shared disk), {100 * (sec['commit_cpu'] / sec['commit_nosums_cpu'] - 1):+.1f}% cpu; time inside the "
+          f"CRC-32 itself {sec['crc']:.2f} s = {100 * sec['crc'] / sec['total']:.1f}% of the write "
           "(target within 10%)")
     t0 = time.perf_counter()
     finalize_gallery(root)

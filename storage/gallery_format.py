@@ -112,5 +112,11 @@ def block_sums(feat: bytes | memoryview, pmeta: bytes | memoryview) -> bytes:
     return _SUMS.pack(zlib.crc32(feat), zlib.crc32(pmeta))
 
 
+def extend_sums(old: bytes | memoryview, feat_tail: bytes, pmeta_tail: bytes) -> bytes:
+    """The `sums` of a block after appending rows: CRC-32 continued from the stored values."""
+    f_sum, m_sum = _SUMS.unpack(bytes(old))
+    return _SUMS.pack(zlib.crc32(feat_tail, f_sum), zlib.crc32(pmeta_tail, m_sum))
+
+
 def unpack_sums(b: bytes | memoryview) -> tuple[int, int]:
     return _SUMS.unpack(bytes(b))

@@ -267,13 +267,19 @@ class GalleryWriter:
             if row:
                 old_f = txn.get(fmt.ukey(block), db=self.dbs[b"feat"])
                 old_r = txn.get(fmt.ukey(block), db=self.dbs[b"pmeta"])
-                if old_f is None or old_r is None:
+                old_s = txn.get(fmt.ukey(block), db=self.dbs[b"sums"])
+                if old_f is None or old_r is None or old_s is None:
                     raise StoreError(f"gallery: part {self.part} block {block} missing while appending")
+                # the block's checksums continue from the stored ones over the appended rows only, so
+                # the old rows are not summed again and damage to them since stays detectable
+                sums = fmt.extend_sums(old_s, fbytes, rbytes)
                 fbytes = bytes(old_f) + fbytes
                 rbytes = bytes(old_r) + rbytes
+            else:
+                sums = fmt.block_sums(fbytes, rbytes)
             txn.put(fmt.ukey(block), fbytes, db=self.dbs[b"feat"])
             txn.put(fmt.ukey(block), rbytes, db=self.dbs[b"pmeta"])
-            txn.put(fmt.ukey(block), fmt.block_sums(fbytes, rbytes), db=self.dbs[b"sums"])
+            txn.put(fmt.ukey(block), sums, db=self.dbs[b"sums"])
             pos += take
 
     def close(self) -> None:

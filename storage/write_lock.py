@@ -35,8 +35,11 @@ def acquire(path: str | Path, what: str) -> None:
     if held is not None and held[0] == pid:
         held[2] += 1
         return
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as e:  # another account's store, a read-only medium
+        raise StoreError(f"{what}: cannot write here ({p}: {e.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -357,3 +357,12 @@ def test_verify_finds_unsorted_patches_and_a_wrong_patch_image(tmp_path: Path) -
     assert f"image {key!r}: patches not sorted by confidence" in problems
     assert f"image {key!r}: index/patch_image disagrees with the image record" in problems
     assert sum("not sorted" in p or "patch_image disagrees" in p for p in problems) == 2
+
+
+def test_a_lock_file_this_process_cannot_open_is_a_clear_error_and_the_gallery_still_reads(tmp_path: Path) -> None:
+    root = one_shard_gallery(tmp_path / "g")
+    (root / "build.lock").unlink()
+    (root / "build.lock").mkdir()  # stands for another account's file or a read-only medium (root ignores modes)
+    with pytest.raises(StoreError, match=r"gallery .*g: cannot write here \(.*build.lock: Is a directory\)"):
+        writer(root)
+    assert GalleryReader(root).num_images == 30  # readers need no lock
