@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from vlmixer.errors import VlmixerError
-from vlmixer.pipeline.gallery.images import BadImage, DecodePolicy, load_rgb
+from vlmixer.pipeline.gallery.images import BadImage, DecodePolicy
+from vlmixer.pipeline.gallery.sources import ImageItem, load_item
 
 LABEL_H = 28
 TITLE_H = 30
@@ -93,8 +94,8 @@ def render_concept(gallery: str | Path, concept: str, out: str | Path, *, max_pa
             if image_root is not None and not path.is_file():  # the collection moved since the build
                 cands = [Path(image_root) / rec.key, Path(image_root) / path.name]
                 path = next((c for c in cands if c.is_file()), path)
-            try:
-                cache[p.image] = load_rgb(path, policy).array
+            try:  # a plain file, or a webdataset tar member / parquet cell by its locator
+                cache[p.image] = load_item(ImageItem(key=rec.key, path=str(path)), policy).array
             except BadImage as e:
                 cache[p.image] = e.reason
             if len(cache) > 16:
