@@ -205,9 +205,13 @@ def run_tag_job(config: TagJobConfig, *, ray_address: str | None = None, workers
     writer = TextStoreWriter(out, concepts=config.concepts, tokenizer_name=config.tokenizer.name,
                              vocab_file=config.tokenizer.vocab_file, provenance=provenance)
     committed = set(writer.committed_shards())
-    total = sum(count_records(cf) for cf in config.inputs)
-    bar = tqdm(total=total, unit="rec", mininterval=1.0, smoothing=0.05, disable=not progress,
-               desc="text tag", dynamic_ncols=True)
+    counts_known = [count_records(cf) for cf in config.inputs]
+    unknown = {cf.index for cf, n in zip(config.inputs, counts_known) if n is None}
+    total = sum(n for n in counts_known if n is not None)
+    bar = tqdm(total=total if not unknown else None, unit="rec", mininterval=1.0, smoothing=0.05,
+               disable=not progress, desc="text tag", dynamic_ncols=True)
+    # tars are counted as they are read: the total (and so the ETA) is estimated from those read
+    planned: Counter[int] = Counter()
     counts: Counter[str] = Counter()
     started = time.perf_counter()
 
@@ -222,9 +226,23 @@ def run_tag_job(config: TagJobConfig, *, ray_address: str | None = None, workers
         if on_shard is not None:
             on_shard(stats)
 
+    def estimate(current: int) -> None:
+        read = [i for i in planned if i in unknown and i != current]
+        if read:
+            per_file = sum(planned[i] for i in read) / len(read)
+            bar.total = total + round(sum(planned[i] for i in unknown if i in planned) - planned[current]
+                                      + per_file * (len(unknown) - len(read)))
+            bar.refresh()
+
     def pending() -> Iterable[ShardTask]:
+        last = -1
         for task in plan_shards(config.inputs, config.shard_size, max_line_bytes=config.max_line_bytes,
                                 image_key=config.image_key):
+            if unknown:
+                if task.file.index != last:
+                    estimate(task.file.index)
+                    last = task.file.index
+                planned[task.file.index] += len(task.items)
             if task.name in committed:
                 bar.update(len(task.items))
                 continue
