@@ -39,18 +39,17 @@ _ALTERNATIVES = re.compile(r"\{([^{}]*,[^{}]*)\}")
 def expand_braces(spec: str) -> list[str]:
     """`shards/{00000..00003}.tar` and `{train,val}.tar` as webdataset and bash write them;
     a numeric range keeps the width of its first bound (zero padding)."""
-    m = _RANGE.search(spec)
-    if m:
-        lo, hi = m.group(1), m.group(2)
+    r, a = _RANGE.search(spec), _ALTERNATIVES.search(spec)
+    if r and (a is None or r.start() < a.start()):  # the leftmost brace varies slowest, as in bash
+        lo, hi = r.group(1), r.group(2)
         if int(hi) < int(lo):
             raise VlmixerError(f"{spec}: brace range {{{lo}..{hi}}} runs backwards")
         width = len(lo) if lo.startswith("0") else 0
         return [x for n in range(int(lo), int(hi) + 1)
-                for x in expand_braces(spec[:m.start()] + str(n).zfill(width) + spec[m.end():])]
-    m = _ALTERNATIVES.search(spec)
-    if m:
-        return [x for alt in m.group(1).split(",")
-                for x in expand_braces(spec[:m.start()] + alt + spec[m.end():])]
+                for x in expand_braces(spec[:r.start()] + str(n).zfill(width) + spec[r.end():])]
+    if a:
+        return [x for alt in a.group(1).split(",")
+                for x in expand_braces(spec[:a.start()] + alt + spec[a.end():])]
     return [spec]
 
 
