@@ -300,3 +300,35 @@ def test_ray_build_of_webdataset_equals_in_process(collection: dict, monkeypatch
     a, b = gallery_contents(c["tmp"] / "inproc"), gallery_contents(c["tmp"] / "ray")
     _same_images(a, b)
     assert a["failures"] == b["failures"]
+
+
+def test_text_tag_on_the_tars_writes_captions_keyed_like_the_gallery(collection: dict) -> None:
+    """The whole `text tag` job (spaCy, word-pieces, store) on the same tars as the gallery."""
+    from test_text_job import CONCEPTS
+
+    from vlmixer.pipeline.text.corpus import open_corpus_files
+    from vlmixer.pipeline.text.job import TagJobConfig, run_tag_job
+    from vlmixer.pipeline.text.resolve import build_mapping
+    from vlmixer.pipeline.text.spacy_model import load_spacy, model_label, resolve_model_name
+    from vlmixer.pipeline.text.wordpiece import resolve_tokenizer
+    from vlmixer.storage.gallery import GalleryReader
+    from vlmixer.storage.textstore import TextStoreReader
+
+    c = collection
+    _build(c, str(c["shards"] / "*.tar"), "wds", shard_size=3)
+    nlp = load_spacy(resolve_model_name(None))
+    out = c["tmp"] / "text"
+    config = TagJobConfig(out=str(out), inputs=open_corpus_files([str(c["shards"] / "{00000..00001}.tar")]),
+                          concepts=CONCEPTS, mapping=build_mapping(CONCEPTS, nlp),
+                          spacy_model=resolve_model_name(None), tokenizer=resolve_tokenizer(None, cache_dir=c["tmp"]),
+                          spacy_label=model_label(nlp), shard_size=3)
+    m = run_tag_job(config, progress=False, nlp=nlp)
+    assert m["summary"]["records"] == len(c["keys"]) and m["summary"]["skipped_total"] == 0
+    t, g = TextStoreReader(out), GalleryReader(c["tmp"] / "wds")
+    pairs = [(t.sentence(i).image_key, t.sentence(i).text) for i in range(len(t))]
+    assert sorted(pairs) == sorted((k, CAPTIONS[i % 7]) for i, k in enumerate(c["keys"]))
+    paired = [k for k, _ in pairs if k not in ("broken", c["truncated"])]
+    assert sorted(paired) == sorted(g.image(i).key for i in range(g.num_images))
+    for k in paired:
+        assert g.image(g.image_index(k)).key == k
+    g.close()
