@@ -133,7 +133,8 @@ def _list_file(path: Path, image_root: Path | None) -> Iterator[ImageItem]:
     """One image per line: `path`, or `key<TAB>path`; relative paths are taken from the
     list file's directory (or `image_root`); blank lines and `#` comments are skipped.
     Streamed: a list of 100M lines never sits in memory."""
-    base = image_root or path.parent
+    base = str(image_root or path.parent)
+    join, isabs, norm = os.path.join, os.path.isabs, os.path.normpath  # not pathlib: 100M lines
     try:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -147,8 +148,7 @@ def _list_file(path: Path, image_root: Path | None) -> Iterator[ImageItem]:
                         raise VlmixerError(f"{path}:{n}: expected 'path' or 'key<TAB>path', got {line!r}")
                 else:
                     key = rel = line
-                p = Path(rel)
-                yield ImageItem(key=key, path=str(p if p.is_absolute() else base / p))
+                yield ImageItem(key=key, path=norm(rel if isabs(rel) else join(base, rel)))
     except (OSError, UnicodeDecodeError) as e:
         raise VlmixerError(f"{path}: cannot read image list ({e})") from None
 
