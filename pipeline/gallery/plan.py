@@ -40,6 +40,8 @@ from vlmixer.pipeline.gallery.sources import (
 )
 
 RUN_SIZE = 100_000  # records per sorted run: bounds the driver's planning memory (~ 30 MB)
+FAN_IN = 64  # runs merged at once
+READ_SIZE = 64 * 1024  # read buffer per run while merging
 
 
 class ExternalSorter:
@@ -77,10 +79,29 @@ class ExternalSorter:
             return
         if self.buf:
             self._spill()
-        with ExitStack() as stack:
-            streams = [iter(msgpack.Unpacker(stack.enter_context(open(p, "rb")), raw=False, use_list=True))
-                       for p in self.runs]
-            yield from heapq.merge(*streams)
+        # at most FAN_IN runs open at once (file handles, read buffers): merge in passes
+        while len(self.runs) > FAN_IN:
+            group, self.runs = self.runs[:FAN_IN], self.runs[FAN_IN:]
+            path = self.folder / f"run-m{len(self.runs):06d}-{group[0].stem}.msgpack"
+            with open(path, "wb") as f:
+                pack = msgpack.Packer(use_bin_type=True).pack
+                for r in _merge(group):
+                    f.write(pack(r))
+            for g in group:
+                os.unlink(g)
+            self.runs.append(path)
+        yield from _merge(self.runs)
+
+
+def read_records(f: Any) -> Iterator[list[Any]]:
+    """msgpack records from a file, with a small read buffer (the default is 1 MiB per reader,
+    which a merge of hundreds of runs would multiply)."""
+    return iter(msgpack.Unpacker(f, raw=False, use_list=True, read_size=READ_SIZE))
+
+
+def _merge(runs: list[Path]) -> Iterator[list[Any]]:
+    with ExitStack() as stack:
+        yield from heapq.merge(*[read_records(stack.enter_context(open(p, "rb"))) for p in runs])
 
 
 # -- the plan's shards ------------------------------------------------------------------------
@@ -149,7 +170,7 @@ def listing_plan(src: str | Path, *, shard_size: int, seed: int, spill_dir: str 
         chunk: list[ImageItem] = []
         i = 0
         with open(merged, "rb") as f:
-            for _h, key, path in msgpack.Unpacker(f, raw=False, use_list=True):
+            for _h, key, path in read_records(f):
                 chunk.append(ImageItem(key=key, path=path))
                 if len(chunk) == shard_size:
                     yield Shard(shard_id=f"{plan.prefix}{i:06d}", items=tuple(sorted(chunk, key=lambda x: x.key)))
