@@ -14,7 +14,8 @@ def _build(a: argparse.Namespace) -> int:
     from vlmixer.pipeline.gallery.job import BuildOptions, build_gallery
 
     opts = BuildOptions(
-        images=a.images[0] if len(a.images) == 1 else tuple(a.images), detector=a.detector, out=a.out, weights=a.weights, image_root=a.image_root,
+        images=a.images[0] if len(a.images) == 1 else tuple(a.images), detector=a.detector, out=a.out,
+        weights=a.weights, image_root=a.image_root,
         labelmap=a.labelmap, vocab=a.vocab, ray_address=a.ray_address, num_cpus=a.num_cpus,
         shard_size=a.shard_size, batch_size=a.batch_size, num_gpus_per_worker=a.num_gpus_per_worker,
         cpu_workers=a.cpu_workers, threads=a.threads, retry_failed=a.retry_failed, seed=a.seed, device=a.device,
