@@ -332,3 +332,20 @@ def test_text_tag_on_the_tars_writes_captions_keyed_like_the_gallery(collection:
     for k in paired:
         assert g.image(g.image_index(k)).key == k
     g.close()
+
+
+def test_cli_names_a_missing_shard_and_a_missing_column_in_one_line(collection: dict, capsys) -> None:
+    from test_gallery_build_support import TINY_CONFIG
+
+    from vlmixer.cli import main
+
+    c = collection
+    code = main(["gallery", "build", "--images", str(c["shards"] / "{00000..00002}.tar"), "--detector",
+                 str(TINY_CONFIG), "--out", str(c["tmp"] / "g"), "--ray-address", "none", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "00002.tar: input shard does not exist" in err[0]
+    _write_parquet(c["tmp"] / "cap.parquet", [{"key": "a", "caption": "a dog", "jpg": b""}], row_group=1)
+    code = main(["text", "tag", "--input", str(c["tmp"] / "cap.parquet"), "--caption-column", "text_en",
+                 "--concepts", str(c["labelmap"]), "--out", str(c["tmp"] / "t"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no column 'text_en' for --caption-column" in err[0]
