@@ -302,7 +302,7 @@ def test_ray_build_of_webdataset_equals_in_process(collection: dict, monkeypatch
     assert a["failures"] == b["failures"]
 
 
-def test_text_tag_on_the_tars_writes_captions_keyed_like_the_gallery(collection: dict) -> None:
+def test_text_tag_on_the_tars_writes_captions_keyed_like_the_gallery(collection: dict, capsys) -> None:
     """The whole `text tag` job (spaCy, word-pieces, store) on the same tars as the gallery."""
     from test_text_job import CONCEPTS
 
@@ -322,8 +322,13 @@ def test_text_tag_on_the_tars_writes_captions_keyed_like_the_gallery(collection:
                           concepts=CONCEPTS, mapping=build_mapping(CONCEPTS, nlp),
                           spacy_model=resolve_model_name(None), tokenizer=resolve_tokenizer(None, cache_dir=c["tmp"]),
                           spacy_label=model_label(nlp), shard_size=3)
-    m = run_tag_job(config, progress=False, nlp=nlp)
+    m = run_tag_job(config, progress=True, nlp=nlp, log_every=0)
     assert m["summary"]["records"] == len(c["keys"]) and m["summary"]["skipped_total"] == 0
+    # not a terminal: progress lines with rate and ETA, the total estimated from the tars read
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[text]")]
+    assert len(lines) == 4 and lines[0].startswith("[text] 3/? records") and lines[0].endswith("ETA ?")
+    assert lines[2].startswith(f"[text] 7/{len(c['keys'])} records")  # once the first tar is read
+    assert lines[-1].startswith(f"[text] {len(c['keys'])}/{len(c['keys'])} records") and "ETA 0 s" in lines[-1]
     t, g = TextStoreReader(out), GalleryReader(c["tmp"] / "wds")
     pairs = [(t.sentence(i).image_key, t.sentence(i).text) for i in range(len(t))]
     assert sorted(pairs) == sorted((k, CAPTIONS[i % 7]) for i, k in enumerate(c["keys"]))
