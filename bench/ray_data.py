@@ -122,25 +122,22 @@ def hand_made(tars: list[str], out: Path, config: Path, labelmap: Path, workers:
     return (n1 - n0) / (t1 - t0), time.perf_counter() - t, s.peak
 
 
-class _Decode:
-    def __init__(self, pre: object) -> None:
-        self.pre = pre
+def _decode(batch: dict, pre: object) -> dict:
+    """The build's own decode and preprocessing, as a Ray Data task (like our decode tasks)."""
+    from vlmixer.pipeline.gallery.images import BadImage, decode_bytes
 
-    def __call__(self, batch: dict) -> dict:
-        from vlmixer.pipeline.gallery.images import BadImage, decode_bytes
-
-        keys, tensors, scales, sizes = [], [], [], []
-        for key, data in zip(batch["__key__"], batch["jpg"]):
-            try:
-                img = decode_bytes(bytes(data))
-            except BadImage:
-                continue
-            t, sc = self.pre(img.array)[:2]
-            keys.append(key)
-            tensors.append(np.asarray(t))
-            scales.append(float(sc))
-            sizes.append((img.height, img.width))
-        return {"key": keys, "tensor": tensors, "scale": scales, "size": sizes}
+    keys, tensors, scales, sizes = [], [], [], []
+    for key, data in zip(batch["__key__"], batch["jpg"]):
+        try:
+            img = decode_bytes(bytes(data))
+        except BadImage:
+            continue
+        t, sc = pre(img.array)[:2]
+        keys.append(key)
+        tensors.append(np.asarray(t))
+        scales.append(float(sc))
+        sizes.append((img.height, img.width))
+    return {"key": keys, "tensor": tensors, "scale": scales, "size": sizes}
 
 
 class _Detect:
@@ -173,8 +170,9 @@ def ray_data(tars: list[str], config: Path, workers: int) -> tuple[float, float,
     events: list[tuple[float, int]] = []
     with Sampler() as s:
         ds = ray.data.read_webdataset(tars, decoder=None)
-        ds = ds.map_batches(_Decode, fn_constructor_args=(pre,), batch_size=8, concurrency=1)
-        ds = ds.map_batches(_Detect, fn_constructor_args=(str(config),), batch_size=8, concurrency=workers)
+        ds = ds.map_batches(_decode, fn_kwargs={"pre": pre}, batch_size=8, num_cpus=1)
+        ds = ds.map_batches(_Detect, fn_constructor_args=(str(config),), batch_size=8, num_cpus=1,
+                            compute=ray.data.ActorPoolStrategy(size=workers))
         n = 0
         for b in ds.iter_batches(batch_size=None):
             n += len(b["key"])
