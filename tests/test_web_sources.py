@@ -22,9 +22,10 @@ from test_gallery_build_support import (
 
 from vlmixer.errors import VlmixerError
 from vlmixer.pipeline import containers
+from vlmixer.pipeline.gallery.images import DecodePolicy
 from vlmixer.pipeline.gallery.job import BuildOptions, build_gallery
 from vlmixer.pipeline.gallery.plan import ExternalSorter, listing_plan, retry_shards
-from vlmixer.pipeline.gallery.sources import ImageItem, make_shards, read_source
+from vlmixer.pipeline.gallery.sources import ImageItem, load_item, make_shards, read_source
 
 CAPTIONS = ["a dog on the beach", "a man rides a bike", "two cats sleep", "a red car", "a horse runs",
             "a woman waits", "a traffic light"]
@@ -129,6 +130,9 @@ def test_webdataset_builds_the_same_gallery_as_the_folder(collection: dict) -> N
                                   "t3-00001.tar-00001"]
     rec = r.image(r.image_index(c["keys"][0]))
     assert rec.path.endswith(f"00000.tar#{c['names'][0]}")
+    # the recorded locator reads back (what `gallery show` crops from), without the planner's offsets
+    img = load_item(ImageItem(key=rec.key, path=rec.path), DecodePolicy())
+    assert (img.width, img.height) == (rec.width, rec.height)
     r.close()
     # resume: nothing to redo; another shard size is another plan
     again = _build(c, str(c["shards"] / "*.tar"), "wds", shard_size=3, batch_size=2)
@@ -190,6 +194,13 @@ def test_parquet_builds_the_same_gallery_as_the_folder(collection: dict) -> None
     _same_images(a, b)
     assert b["failures"]["broken"].startswith("not an image")
     assert pq_report.images_planned == len(rows)
+    from vlmixer.storage.gallery import GalleryReader
+
+    r = GalleryReader(c["tmp"] / "pq")
+    rec = r.image(r.image_index(keys[4]))
+    assert rec.path == f"{c['tmp'] / 'b.parquet'}#jpg/0"
+    assert load_item(ImageItem(key=rec.key, path=rec.path), DecodePolicy()).width == rec.width
+    r.close()
     with pytest.raises(VlmixerError, match="no column 'png' for --image-column"):
         _build(c, str(c["tmp"] / "a.parquet"), "pq2", image_column="png")
 
