@@ -12,6 +12,9 @@ plan  The gallery build's planning, as the driver runs it: a list file of N
       the run loop takes them), with an empty store so every shard is to do.
       `--legacy N` also measures the in-memory plan (`read_source` +
       `make_shards`) that the build used before, for comparison.
+      `--tars N ...` plans N webdataset tars of 1,000 samples each (tiny
+      members): the plan reads one tar at a time, so the peak must not grow
+      with N.
 text  The `text tag` driver over an N-line txt corpus: counting, streaming
       shards of 10,000 lines, committing them and the manifest, with progress.
       The shard callable is a stand-in that decodes each shard's lines and
@@ -58,6 +61,23 @@ def write_list(path: Path, n: int) -> None:
                             for i in range(a, min(n, a + step))))
 
 
+def write_tars(folder: Path, n_tars: int, per_tar: int = 1000) -> str:
+    """n_tars webdataset tars of `per_tar` samples (a 100-byte .jpg and a .txt each); the glob."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = bytes(100)
+    for t in range(n_tars):
+        with tarfile.open(folder / f"{t:05d}.tar", "w") as tf:
+            for i in range(per_tar):
+                for ext, payload in (("jpg", data), ("txt", b"a caption")):
+                    ti = tarfile.TarInfo(f"{t * per_tar + i:09d}.{ext}")
+                    ti.size = len(payload)
+                    tf.addfile(ti, io.BytesIO(payload))
+    return str(folder / "*.tar")
+
+
 def child_plan(list_file: str, mode: str) -> dict:
     from vlmixer.pipeline.gallery.job import BuildOptions, BuildReport, plan, source_plan
     from vlmixer.pipeline.gallery.plan import spill_folder
@@ -72,7 +92,7 @@ def child_plan(list_file: str, mode: str) -> dict:
             images += len(s.items)
     else:
         with tempfile.TemporaryDirectory() as out, spill_folder() as spill:
-            opts = BuildOptions(images=list_file, detector="unused.yaml", out=str(Path(out) / "g"))
+            opts = BuildOptions(images=(list_file,), detector="unused.yaml", out=str(Path(out) / "g"))
             source = source_plan(opts, spill)
             todo, _ = plan(opts, source, {}, BuildReport(out=opts.out), spill)
             for s in todo:
@@ -80,6 +100,16 @@ def child_plan(list_file: str, mode: str) -> dict:
                 images += len(s.items)
     return {"images": images, "shards": shards, "seconds": round(time.perf_counter() - t0, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_imports_mb": round(base, 1)}
+
+
+def bench_tars(counts: list[int]) -> None:
+    print(f"{'tars':>12} {'samples':>9} {'peak RSS MB':>12} {'after imports':>14} {'seconds':>8} {'shards':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            pattern = write_tars(Path(tmp) / f"tars-{n}", n)
+            r = _child("plan", pattern, "streaming")
+            print(f"{n:>12,} {r['images']:>9,} {r['peak_rss_mb']:>12.1f} {r['rss_after_imports_mb']:>14.1f} "
+                  f"{r['seconds']:>8.1f} {r['shards']:>8,}", flush=True)
 
 
 def bench_plan(sizes: list[int], legacy: list[int]) -> None:
@@ -177,14 +207,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="part", required=True)
     p = sub.add_parser("plan", help="gallery planning: driver peak RSS over N listed images")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 5_000_000, 20_000_000])
+    p.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 5_000_000, 20_000_000])
     p.add_argument("--legacy", type=int, nargs="*", default=[1_000_000],
                    help="sizes at which to also measure the in-memory plan")
+    p.add_argument("--tars", type=int, nargs="*", default=[],
+                   help="also plan this many webdataset tars of 1,000 samples (e.g. 10 100)")
     t = sub.add_parser("text", help="text tag driver: peak RSS over an N-line corpus")
     t.add_argument("--lines", type=int, nargs="+", default=[1_000_000, 10_000_000])
     a = ap.parse_args(argv)
     if a.part == "plan":
-        bench_plan(a.sizes, a.legacy)
+        if a.sizes:
+            bench_plan(a.sizes, a.legacy)
+        if a.tars:
+            bench_tars(a.tars)
     else:
         bench_text(a.lines)
 
