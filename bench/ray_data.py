@@ -181,33 +181,55 @@ def ray_data(tars: list[str], config: Path, workers: int) -> tuple[float, float,
     return (n1 - n0) / (t1 - t0), time.perf_counter() - t, s.peak
 
 
+def side(name: str, workdir: Path, num_cpus: int, workers: int) -> None:
+    """One side in this (fresh) process with its own local Ray: the other side's leftovers
+    (actors being torn down, Ray Data's resource accounting) cannot touch it."""
+    import json
+
+    import ray
+
+    tars = sorted(str(p) for p in (workdir / "tars").glob("*.tar"))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    base = rss_mb()
+    if name == "hand-made":
+        rate, wall, peak = hand_made(tars, workdir / "g", workdir / "fast.yaml", workdir / "lm.json", workers)
+    else:
+        rate, wall, peak = ray_data(tars, workdir / "fast.yaml", workers)
+    ray.shutdown()
+    print(json.dumps({"rate": rate, "wall": wall, "peak": peak, "base": base}))
+
+
 def main() -> None:
+    import json
+    import subprocess
+    import sys
+
+    if len(sys.argv) > 1 and sys.argv[1] == "_side":
+        side(sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=600)
     ap.add_argument("--tars", type=int, default=6)
     ap.add_argument("--num-cpus", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1, help="detector actors on both sides")
     a = ap.parse_args()
-    import json
-
-    import ray
-
     with tempfile.TemporaryDirectory() as tmp:
-        tars = make_tars(Path(tmp) / "tars", a.images, a.tars)
-        config = fast_config(Path(tmp) / "fast.yaml")
-        lm = Path(tmp) / "lm.json"
-        lm.write_text(json.dumps({"label_to_idx": {f"c{i}": i for i in range(1, 81)},
-                                  "attribute_to_idx": {f"a{i}": i for i in range(1, 21)}}))
-        ray.init(num_cpus=a.num_cpus, include_dashboard=False, log_to_driver=False)
-        base = rss_mb()
+        work = Path(tmp)
+        make_tars(work / "tars", a.images, a.tars)
+        fast_config(work / "fast.yaml")
+        (work / "lm.json").write_text(json.dumps({"label_to_idx": {f"c{i}": i for i in range(1, 81)},
+                                                  "attribute_to_idx": {f"a{i}": i for i in range(1, 21)}}))
         print(f"{time.strftime('%Y-%m-%d')}: {a.images} images 64x48 in {a.tars} tars, local Ray num_cpus="
-              f"{a.num_cpus}, {a.workers} detector actor(s); driver RSS after ray.init {base:.0f} MB")
-        for name, fn in (("hand-made", lambda: hand_made(tars, Path(tmp) / "g", config, lm, a.workers)),
-                         ("Ray Data", lambda: ray_data(tars, config, a.workers))):
-            rate, wall, peak = fn()
-            print(f"{name:>10}: {rate:6.1f} images/s steady, wall {wall:5.1f} s, driver peak RSS {peak:.0f} MB",
-                  flush=True)
-        ray.shutdown()
+              f"{a.num_cpus}, {a.workers} detector actor(s), each side in its own process", flush=True)
+        for name in ("hand-made", "Ray Data"):
+            out = subprocess.run([sys.executable, __file__, "_side", name, str(work), str(a.num_cpus),
+                                  str(a.workers)], capture_output=True, text=True, timeout=3000)
+            if out.returncode != 0:
+                print(f"{name:>10}: failed ({out.stderr.strip().splitlines()[-1:]})", flush=True)
+                continue
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{name:>10}: {r['rate']:6.1f} images/s steady, wall {r['wall']:5.1f} s, driver peak RSS "
+                  f"{r['peak']:.0f} MB (after ray.init {r['base']:.0f} MB)", flush=True)
 
 
 if __name__ == "__main__":

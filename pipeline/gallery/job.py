@@ -102,7 +102,7 @@ class BuildReport:
     failures_this_run: int = 0
     gallery_images: int = 0
     gallery_patches: int = 0
-    failed: list[dict[str, str]] = field(default_factory=list)  # the first `failed_listed` of them
+    failed: list[dict[str, str]] = field(default_factory=list)  # the first 1000 (at least max_listed)
     failed_count: int = 0
     not_planned: list[tuple[str, str]] = field(default_factory=list)  # (what, why): left out while listing
     not_planned_count: int = 0
