@@ -178,9 +178,20 @@ def scan_tar(path: str | Path) -> tuple[list[Sample], str | None]:
                 if m.offset_data + m.size > size:
                     s.problem = (f"truncated tar member {m.name} ({size - m.offset_data} of {m.size} bytes; "
                                  "archive cut short)")
+            # tarfile ends quietly at a header cut short: what follows the last member must be
+            # the zero blocks that close an archive, or something was lost
+            if problem is None and tf.offset < size and _nonzero_tail(p, tf.offset):
+                problem = (f"tar archive unreadable after {len(tf.members)} members (a header at byte "
+                           f"{tf.offset} is cut short or damaged)")
     except (tarfile.TarError, OSError, EOFError) as e:
         return [], f"not a readable tar archive ({e})"
     return list(samples.values()), problem
+
+
+def _nonzero_tail(path: Path, offset: int, limit: int = 1 << 20) -> bool:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return any(f.read(limit))
 
 
 def read_range(path: str | Path, offset: int, size: int) -> bytes:

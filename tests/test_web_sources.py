@@ -365,3 +365,27 @@ def test_cli_names_a_missing_shard_and_a_missing_column_in_one_line(collection: 
                  "--concepts", str(c["labelmap"]), "--out", str(c["tmp"] / "t"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "no column 'text_en' for --caption-column" in err[0]
+
+
+def test_a_tar_cut_inside_a_header_and_a_sample_without_image_are_recorded(tmp_path: Path) -> None:
+    from vlmixer.pipeline.gallery.plan import container_plan
+
+    tar = tmp_path / "00000.tar"
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as tf:
+        _add(tf, "a.jpg", b"x" * 600)
+        _add(tf, "b.txt", b"caption only")
+        _add(tf, "c.jpg", b"y" * 10)
+    raw = tar.read_bytes()
+    with tarfile.open(tar) as tf:
+        c_header = tf.getmember("c.jpg").offset
+    tar.write_bytes(raw[:c_header + 100])  # c's header is cut: c is lost, and the gallery must say so
+    plan = container_plan(str(tar), shard_size=10)
+    (shard,) = list(plan)
+    assert [(it.key, bool(it.problem)) for it in shard.items] == [("a", False), ("00000.tar#", True)]
+    assert shard.items[0].offset == 512 and shard.items[0].size == 600
+    assert shard.items[1].problem.startswith("tar archive unreadable after 2 members")
+    assert plan.skipped_entries == [("00000.tar#b", "no image member (has txt)")]
+    tar.write_bytes(b"not a tar at all" * 40)
+    (shard,) = list(container_plan(str(tar), shard_size=10))
+    assert [it.key for it in shard.items] == ["00000.tar#"]
+    assert shard.items[0].problem.startswith("not a readable tar archive")
