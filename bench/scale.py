@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/scale.py finalize [--sizes 1000000 10000000 50000000] [--memory-mb 512 ...]
                                              [--in-memory 1000000 10000000] [--work DIR]
+    .venv/bin/python bench/scale.py plan [--sizes 1000000 5000000 20000000] [--legacy 1000000]
+    .venv/bin/python bench/scale.py text [--lines 1000000 10000000]
 
 Each measurement runs in a fresh child process, which reports its peak RSS
 (VmHWM) and wall time, so one size's garbage never counts against the next.
@@ -18,6 +20,22 @@ finalize  `gallery finalize --memory-mb N` on a synthetic gallery of P
           sizes are also finalized by the whole-array path, and the two index
           directories must be byte-identical. The machine's 1-minute load
           average after each row says how much others were running.
+
+plan  The gallery build's planning, as the driver runs it: a list file of N
+      `key<TAB>path` lines is listed, sorted on disk by the seeded shard order,
+      checked for repeated keys, and every shard is produced and handed on (as
+      the run loop takes them), with an empty store so every shard is to do.
+      `--legacy N` also measures the in-memory plan (`read_source` +
+      `make_shards`) that the build used before, for comparison.
+      `--tars N ...` plans N webdataset tars of 1,000 samples each (tiny
+      members): the plan reads one tar at a time, so the peak must not grow
+      with N.
+text  The `text tag` driver over an N-line txt corpus: counting, streaming
+      shards of 10,000 lines, committing them and the manifest, with progress.
+      The shard callable is a stand-in that decodes each shard's lines and
+      commits an empty store shard (spaCy tagging at 10M lines would take
+      hours on this machine and runs in workers, not in the driver); the
+      driver still loads spaCy, the mapping and the tokenizer as `text tag` does.
 """
 from __future__ import annotations
 
@@ -148,14 +166,184 @@ def args_finalize(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", help="where the galleries are written (default: a temporary folder)")
 
 
+# ============================================================================ planning (gallery)
+
+
+def write_list(path: Path, n: int) -> None:
+    """n `key<TAB>path` lines, like a list file of a large collection (paths need not exist)."""
+    with open(path, "w", encoding="utf-8") as f:
+        step = 100_000
+        for a in range(0, n, step):
+            f.write("".join(f"img{i:09d}\t/data/collection/{i % 1000:03d}/{i:09d}.jpg\n"
+                            for i in range(a, min(n, a + step))))
+
+
+def write_tars(folder: Path, n_tars: int, per_tar: int = 1000) -> str:
+    """n_tars webdataset tars of `per_tar` samples (a 100-byte .jpg and a .txt each); the glob."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = bytes(100)
+    for t in range(n_tars):
+        with tarfile.open(folder / f"{t:05d}.tar", "w") as tf:
+            for i in range(per_tar):
+                for ext, payload in (("jpg", data), ("txt", b"a caption")):
+                    ti = tarfile.TarInfo(f"{t * per_tar + i:09d}.{ext}")
+                    ti.size = len(payload)
+                    tf.addfile(ti, io.BytesIO(payload))
+    return str(folder / "*.tar")
+
+
+def child_plan(list_file: str, mode: str) -> dict:
+    from vlmixer.pipeline.gallery.job import BuildOptions, BuildReport, plan, source_plan
+    from vlmixer.pipeline.gallery.plan import spill_folder
+    from vlmixer.pipeline.gallery.sources import make_shards, read_source
+
+    base = peak_rss_mb()
+    t0 = time.perf_counter()
+    shards = images = 0
+    if mode == "legacy":
+        for s in make_shards(read_source(list_file), 256, seed=0):
+            shards += 1
+            images += len(s.items)
+    else:
+        with tempfile.TemporaryDirectory() as out, spill_folder() as spill:
+            opts = BuildOptions(images=(list_file,), detector="unused.yaml", out=str(Path(out) / "g"))
+            source = source_plan(opts, spill)
+            todo, _ = plan(opts, source, {}, BuildReport(out=opts.out), spill)
+            for s in todo:
+                shards += 1
+                images += len(s.items)
+    return {"images": images, "shards": shards, "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_imports_mb": round(base, 1)}
+
+
+def bench_tars(counts: list[int]) -> None:
+    print(f"{'tars':>12} {'samples':>9} {'peak RSS MB':>12} {'after imports':>14} {'seconds':>8} {'shards':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in counts:
+            pattern = write_tars(Path(tmp) / f"tars-{n}", n)
+            r = _child("plan", pattern, "streaming")
+            print(f"{n:>12,} {r['images']:>9,} {r['peak_rss_mb']:>12.1f} {r['rss_after_imports_mb']:>14.1f} "
+                  f"{r['seconds']:>8.1f} {r['shards']:>8,}", flush=True)
+
+
+def bench_plan(sizes: list[int], legacy: list[int]) -> None:
+    print(f"gallery planning: driver peak RSS (VmHWM) over a list file, shard size 256; {time.strftime('%Y-%m-%d')}")
+    print(f"{'images':>12} {'plan':>9} {'peak RSS MB':>12} {'after imports':>14} {'seconds':>8} {'shards':>8}")
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sorted(set(sizes) | set(legacy)):
+            lst = Path(tmp) / f"list-{n}.txt"
+            write_list(lst, n)
+            for mode in (["streaming"] if n in sizes else []) + (["legacy"] if n in legacy else []):
+                r = _child("plan", str(lst), mode)
+                assert r["images"] == n, r
+                rows[(n, mode)] = r
+                print(f"{n:>12,} {mode:>9} {r['peak_rss_mb']:>12.1f} {r['rss_after_imports_mb']:>14.1f} "
+                      f"{r['seconds']:>8.1f} {r['shards']:>8,}", flush=True)
+            lst.unlink()
+    s = sorted(n for n, m in rows if m == "streaming")
+    if len(s) > 1:
+        a, b = rows[(s[0], "streaming")]["peak_rss_mb"], rows[(s[-1], "streaming")]["peak_rss_mb"]
+        print(f"growth {s[0]:,} -> {s[-1]:,} images: {b / a:.2f}x peak RSS")
+
+
+# ============================================================================ text job driver
+
+
+def write_corpus(path: Path, n: int) -> None:
+    words = ["a man", "two dogs", "the red car", "a woman", "three horses", "a bike"]
+    verbs = ["walks past", "waits near", "looks at", "runs toward"]
+    with open(path, "w", encoding="utf-8") as f:
+        step = 200_000
+        for a in range(0, n, step):
+            f.write("".join(f"{words[i % 6]} {verbs[(i // 6) % 4]} {words[(i // 24) % 6]} number {i}.\n"
+                            for i in range(a, min(n, a + step))))
+
+
+def child_text(corpus: str) -> dict:
+    from vlmixer.pipeline.text import job
+    from vlmixer.pipeline.text.corpus import decode_items, open_corpus_files
+    from vlmixer.pipeline.text.resolve import build_mapping
+    from vlmixer.pipeline.text.spacy_model import load_spacy, model_label, resolve_model_name
+    from vlmixer.pipeline.text.wordpiece import resolve_tokenizer
+    from vlmixer.storage.vocab import Vocabulary
+
+    concepts = Vocabulary(names=("man", "dog", "car", "woman", "horse", "bike"))
+
+    def stand_in(self, task):  # noqa: ANN001, ANN202  decodes like the worker, tags nothing
+        records, skipped, _ = decode_items(task, max_record_chars=self.config.max_record_chars)
+        _, _, writer = self._setup()
+        stats = {"shard": task.name, "records": len(task.items), "records_ok": len(records), "sentences": 0,
+                 "grounded_sentences": 0, "spans": 0, "wordpieces": 0, "skipped": dict(skipped),
+                 "bad_examples": []}
+        writer.write_shard(task.name, [], stats)
+        return stats
+
+    job.TagShard.__call__ = stand_in  # type: ignore[method-assign]
+    nlp = load_spacy(resolve_model_name(None))
+    base = peak_rss_mb()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        config = job.TagJobConfig(out=str(Path(out) / "store"), inputs=open_corpus_files([corpus]),
+                                  concepts=concepts, mapping=build_mapping(concepts, nlp),
+                                  spacy_model=resolve_model_name(None), spacy_label=model_label(nlp),
+                                  tokenizer=resolve_tokenizer(None, cache_dir=out))
+        m = job.run_tag_job(config, progress=False, nlp=nlp)
+    return {"records": m["summary"]["records"], "shards": m["summary"]["shards"],
+            "seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(peak_rss_mb(), 1),
+            "rss_after_spacy_mb": round(base, 1)}
+
+
+def bench_text(lines: list[int]) -> None:
+    print(f"text tag driver: peak RSS (VmHWM) over a txt corpus, shards of 10,000 lines; {time.strftime('%Y-%m-%d')}")
+    print(f"{'lines':>12} {'peak RSS MB':>12} {'after spaCy':>12} {'seconds':>8} {'shards':>7}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in lines:
+            corpus = Path(tmp) / f"corpus-{n}.txt"
+            write_corpus(corpus, n)
+            r = _child("text", str(corpus))
+            assert r["records"] == n, r
+            print(f"{n:>12,} {r['peak_rss_mb']:>12.1f} {r['rss_after_spacy_mb']:>12.1f} {r['seconds']:>8.1f} "
+                  f"{r['shards']:>7,}", flush=True)
+            corpus.unlink()
+
+
+def args_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sizes", type=int, nargs="*", default=[1_000_000, 5_000_000, 20_000_000])
+    p.add_argument("--legacy", type=int, nargs="*", default=[1_000_000],
+                   help="sizes at which to also measure the in-memory plan")
+    p.add_argument("--tars", type=int, nargs="*", default=[],
+                   help="also plan this many webdataset tars of 1,000 samples (e.g. 10 100)")
+
+
+def run_plan(a: argparse.Namespace) -> None:
+    if a.sizes:
+        bench_plan(a.sizes, a.legacy)
+    if a.tars:
+        bench_tars(a.tars)
+
+
+def args_text(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lines", type=int, nargs="+", default=[1_000_000, 10_000_000])
+
+
+def run_text(a: argparse.Namespace) -> None:
+    bench_text(a.lines)
+
+
 # ============================================================================ command line
 
 # name -> (help, add its arguments, run it); the child measurements by kind
 SECTIONS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]] = {
     "finalize": ("gallery finalize under --memory-mb: peak RSS and seconds per million patches",
                  args_finalize, bench_finalize),
+    "plan": ("gallery planning: driver peak RSS over N listed images", args_plan, run_plan),
+    "text": ("text tag driver: peak RSS over an N-line corpus", args_text, run_text),
 }
-CHILDREN: dict[str, Callable[..., dict]] = {"finalize": child_finalize}
+CHILDREN: dict[str, Callable[..., dict]] = {"finalize": child_finalize, "plan": child_plan, "text": child_text}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,14 +15,14 @@ def crash_on_decode() -> None:
     """Decoding an image whose file name starts with `crash-me` kills the decode worker."""
     from vlmixer.pipeline.gallery import work
 
-    real = work.load_rgb
+    real = work.load_item
 
-    def load_rgb(path: str, policy: Any) -> Any:
-        if os.path.basename(path).startswith(MARK):
+    def load_item(item: Any, policy: Any) -> Any:
+        if os.path.basename(item.path).startswith(MARK):
             os._exit(13)
-        return real(path, policy)
+        return real(item, policy)
 
-    work.load_rgb = load_rgb
+    work.load_item = load_item
 
 
 def crash_on_text_shard() -> None:

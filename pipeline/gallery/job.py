@@ -14,22 +14,37 @@ shards `r<attempt>-<shard>`, in the first part not yet finalized (a finalized
 part is never written again: readers may be mapping it). The driver holds the
 gallery's write lock from planning through finalize, so a second build into
 the same --out is refused at once.
+
+The plan streams (`plan.py`): shards come from a listing sorted on disk or
+from one webdataset tar / parquet file at a time, so neither the plan nor
+the loop that runs it holds the image list.
 """
 from __future__ import annotations
 
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlmixer.errors import VlmixerError
 from vlmixer.pipeline import ray_session
+from vlmixer.pipeline.containers import is_container_spec
 from vlmixer.pipeline.gallery.images import DecodePolicy
 from vlmixer.pipeline.gallery.options import DECODE_MODES, BuildOptions
-from vlmixer.pipeline.gallery.sources import ImageItem, Shard, keys_digest, make_shards, read_source
+from vlmixer.pipeline.gallery.plan import (
+    ContainerOptions,
+    PlanShards,
+    container_plan,
+    container_shard_file,
+    listing_plan,
+    listing_shard_index,
+    retry_shards,
+    spill_folder,
+)
+from vlmixer.pipeline.gallery.sources import ImageItem, Shard, keys_digest
 from vlmixer.pipeline.gallery.work import (
     BatchPiece,
     BoxPlan,
@@ -57,7 +72,10 @@ class BuildReport:
     failures_this_run: int = 0
     gallery_images: int = 0
     gallery_patches: int = 0
-    failed: list[dict[str, str]] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)  # the first 1000 (at least max_listed)
+    failed_count: int = 0
+    not_planned: list[tuple[str, str]] = field(default_factory=list)  # (what, why): left out while listing
+    not_planned_count: int = 0
     converted: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     mode: str = ""
@@ -66,7 +84,7 @@ class BuildReport:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_SOME_FAILED if self.failed else 0
+        return EXIT_SOME_FAILED if self.failed_count else 0
 
     def summary(self, max_listed: int = 50) -> str:
         rate = self.images_done / self.seconds if self.seconds > 0 else 0.0
@@ -83,13 +101,19 @@ class BuildReport:
                 lines.append(f"  {k}: {note}")
             if len(self.converted) > max_listed:
                 lines.append(f"  ... and {len(self.converted) - max_listed} more (shard stats: 'converted')")
-        if self.failed:
-            lines.append(f"FAILED images ({len(self.failed)}; recorded in the gallery, "
+        if self.not_planned_count:
+            lines.append(f"left out while listing ({self.not_planned_count}):")
+            for what, why in self.not_planned[:max_listed]:
+                lines.append(f"  {what}: {why}")
+            if self.not_planned_count > max_listed:
+                lines.append(f"  ... and {self.not_planned_count - max_listed} more")
+        if self.failed_count:
+            lines.append(f"FAILED images ({self.failed_count}; recorded in the gallery, "
                          "re-run only them with --retry-failed):")
             for f in self.failed[:max_listed]:
                 lines.append(f"  {f['key']}: {f['reason']}  [{f['path']}]")
-            if len(self.failed) > max_listed:
-                lines.append(f"  ... and {len(self.failed) - max_listed} more (GalleryReader.failures())")
+            if self.failed_count > max_listed:
+                lines.append(f"  ... and {self.failed_count - max_listed} more (GalleryReader.failures())")
         return "\n".join(lines)
 
 
@@ -134,6 +158,10 @@ def validate(opts: BuildOptions) -> None:
     if opts.boxes is not None and not Path(opts.boxes).is_file():
         raise VlmixerError(f"{opts.boxes}: --boxes annotation file does not exist")
 
+    if not isinstance(opts.images, str) and len(opts.images) > 1 and not is_container_spec(opts.images):
+        raise VlmixerError("several --images are only for webdataset .tar shards or .parquet files; give one "
+                           "folder, list file or json")
+
 
 def _same_pixels_and_boxes(out: Path, opts: BuildOptions) -> None:
     """A resumed gallery must keep its decode mode and box source: mixing them would store patches
@@ -165,38 +193,84 @@ def existing_state(out: Path) -> tuple[dict[str, dict[str, Any]], list[dict[str,
     return committed_shards(out), failed_images(out)
 
 
-def plan(opts: BuildOptions, items: Sequence[ImageItem], committed: dict[str, dict[str, Any]],
-         failures: Sequence[dict[str, str]]) -> tuple[list[Shard], int]:
-    """Shards still to do (uncommitted plan shards, then retry shards), and how many were skipped."""
-    shards = make_shards(items, opts.shard_size, seed=opts.seed)
-    ids = {s.shard_id for s in shards}
-    foreign = sorted(s for s in committed if s not in ids and not s.startswith("r"))
-    if foreign:
-        raise VlmixerError(
-            f"{opts.out}: holds shards of another build plan ({foreign[0]}, ...): it was built with another "
-            "--shard-size or seed; resume with the same arguments or use a new --out")
-    todo, skipped = [], 0
-    for s in shards:
-        done = committed.get(s.shard_id)
-        if done is None:
-            todo.append(s)
-        elif done.get("keys_sha256") != s.keys_sha256:
-            raise VlmixerError(
-                f"{opts.out}: shard {s.shard_id} was committed with other images than the source now "
-                "lists (the collection changed); use a new --out")
+def _committed(out: Path) -> dict[str, dict[str, Any]]:
+    """Shard id -> what resume needs of its commit marker (keys digest, size)."""
+    from vlmixer.storage.gallery_writer import committed_shards, list_parts
+
+    if not list_parts(out):
+        return {}
+    return {k: {"keys_sha256": v.get("keys_sha256"), "size": int(v.get("size", 0) or 0)}
+            for k, v in committed_shards(out).items()}
+
+
+
+def _inputs(opts: BuildOptions) -> list[str]:
+    return [opts.images] if isinstance(opts.images, str) else list(opts.images)
+
+
+def source_plan(opts: BuildOptions, spill_dir: str | Path) -> PlanShards:
+    """This build's shards, lazily: a listing sorted on disk, or container files one by one."""
+    inputs = _inputs(opts)
+    if is_container_spec(inputs):
+        return container_plan(inputs, shard_size=opts.shard_size, options=ContainerOptions(
+            image_column=opts.image_column, key_column=opts.key_column, image_root=opts.image_root))
+    return listing_plan(inputs[0], shard_size=opts.shard_size, seed=opts.seed, spill_dir=spill_dir,
+                        image_root=opts.image_root)
+
+
+def _check_plan(opts: BuildOptions, source: PlanShards, committed: dict[str, dict[str, Any]]) -> None:
+    """Refuse, before any work, a store holding shards that this plan cannot have cut."""
+    for sid in sorted(committed):
+        if sid.startswith("r"):
+            continue
+        if source.kind == "listing":
+            idx = listing_shard_index(source, sid)
+            ok = idx is not None and idx < source.shards
         else:
-            skipped += 1
-    if opts.retry_failed and failures:
+            ok = container_shard_file(source, sid) in source.inputs
+        if not ok:
+            raise VlmixerError(
+                f"{opts.out}: holds shards of another build plan ({sid}, ...): it was built with another "
+                "--shard-size, seed or input; resume with the same arguments or use a new --out")
+    if source.kind == "listing" and any(source.owns(s) for s in committed):
+        for s in source:  # a pass over the sorted listing on disk: the collection must be the same
+            _skip(opts, s, committed)
+
+
+def _skip(opts: BuildOptions, s: Shard, committed: dict[str, dict[str, Any]]) -> bool:
+    done = committed.get(s.shard_id)
+    if done is None:
+        return False
+    if done.get("keys_sha256") != s.keys_sha256:
+        raise VlmixerError(
+            f"{opts.out}: shard {s.shard_id} was committed with other images than the source now "
+            "lists (the collection changed); use a new --out")
+    return True
+
+
+def plan(opts: BuildOptions, source: PlanShards, committed: dict[str, dict[str, Any]],
+         report: BuildReport, spill_dir: str | Path) -> tuple[Iterator[Shard], int]:
+    """Shards still to do (uncommitted plan shards, then retry shards), lazily, and how many
+    retry images follow the plan. Skipped shards are counted into `report` as they pass."""
+    _check_plan(opts, source, committed)
+    n_retry, retries = 0, iter(())
+    if opts.retry_failed:
         attempt = 1 + max([int(s[1:].split("-", 1)[0]) for s in committed
                            if s.startswith("r") and s[1:].split("-", 1)[0].isdigit()] or [0])
-        by_key = {it.key: it for it in items}
-        groups: dict[tuple[str, str], list[ImageItem]] = {}
-        for f in failures:
-            it = by_key.get(f["key"], ImageItem(key=f["key"], path=f["path"]))
-            groups.setdefault((f.get("part", ""), f.get("shard", "x")), []).append(it)
-        for (_part, origin), group in sorted(groups.items()):
-            todo.append(Shard(shard_id=f"r{attempt}-{origin}", items=tuple(sorted(group, key=lambda i: i.key))))
-    return todo, skipped
+        try:
+            n_retry, retries = retry_shards(failed_images(Path(opts.out)), attempt, spill_dir)
+        except VlmixerError as e:
+            raise VlmixerError(f"{opts.out}: {e}") from None
+
+    def todo() -> Iterator[Shard]:
+        for s in source:
+            if _skip(opts, s, committed):
+                report.shards_skipped += 1
+            else:
+                yield s
+        yield from retries
+
+    return todo(), n_retry
 
 
 def _policy(opts: BuildOptions) -> DecodePolicy:
@@ -246,7 +320,8 @@ def _provenance(opts: BuildOptions, info: dict[str, Any], box_info: dict[str, An
 
     keep = ("images", "image_root", "shard_size", "batch_size", "seed", "strict_modes", "max_pixels", "decode")
     build = {k: getattr(opts, k) for k in keep}
-    build["images"] = str(Path(opts.images).resolve())
+    images = [str(Path(i).resolve()) for i in _inputs(opts)]
+    build["images"] = images[0] if len(images) == 1 else images
     if opts.labelmap:
         build["labelmap_sha256"] = sha256_file(opts.labelmap)
     out = {"detector": info.get("provenance", {}), "detector_config": str(Path(opts.detector).resolve()),
@@ -283,8 +358,11 @@ def _box_info(opts: BuildOptions, concepts: list[list[str]], report: BuildReport
 class Progress:
     """images/s, patches, failures and ETA: a tqdm bar on a terminal, else a line every 30 s."""
 
-    def __init__(self, total: int, enabled: bool | None, log_every: float = 30.0) -> None:
+    def __init__(self, total: int | None, enabled: bool | None, log_every: float = 30.0,
+                 estimate: Callable[[], int | None] | None = None) -> None:
+        # `estimate` gives a total when it is known only as the inputs are read (container files)
         self.total, self.images, self.patches, self.failures = total, 0, 0, 0
+        self._estimate = estimate
         self.t0 = time.perf_counter()
         self._last_log = self.t0
         self._log_every = log_every
@@ -300,6 +378,10 @@ class Progress:
         self.images += s["keys"]
         self.patches += s["patches"]
         self.failures += s["failures"]
+        if self._estimate is not None:
+            self.total = self._estimate()
+            if self.bar is not None and self.total != self.bar.total:
+                self.bar.total = self.total
         if self.bar is not None:
             self.bar.update(s["keys"])
             self.bar.set_postfix(patches=self.patches, failed=self.failures, refresh=False)
@@ -312,9 +394,11 @@ class Progress:
     def line(self) -> str:
         dt = time.perf_counter() - self.t0
         rate = self.images / dt if dt > 0 else 0.0
-        eta = (self.total - self.images) / rate if rate > 0 else float("inf")
-        return (f"[gallery] {self.images}/{self.total} images, {rate:.1f} img/s, {self.patches} patches, "
-                f"{self.failures} failed, ETA {eta:.0f} s")
+        total = "?" if self.total is None else self.total
+        eta = (f"ETA {(self.total - self.images) / rate:.0f} s" if rate > 0 and self.total is not None
+               else "ETA ?")
+        return (f"[gallery] {self.images}/{total} images, {rate:.1f} img/s, {self.patches} patches, "
+                f"{self.failures} failed, {eta}")
 
     def close(self) -> None:
         if self.bar is not None:
@@ -336,14 +420,16 @@ def build_gallery(opts: BuildOptions) -> BuildReport:
     out = Path(opts.out)
     _same_pixels_and_boxes(out, opts)
     with build_lock(out):
-        items = read_source(opts.images, image_root=opts.image_root)
-        committed, failures = existing_state(out)
-        todo, skipped = plan(opts, items, committed, failures)
-        report = BuildReport(out=str(out), images_planned=len(items), shards_skipped=skipped,
-                             shards_planned=skipped + len(todo))
-        if todo:
-            n_todo = sum(len(s.items) for s in todo)
-            progress = Progress(n_todo, opts.progress)
+        report = BuildReport(out=str(out))
+        with spill_folder() as spill:
+            source = source_plan(opts, spill)
+            committed = _committed(out)
+            todo, n_retry = plan(opts, source, committed, report, spill)
+            if source.kind == "listing":
+                done = sum(v["size"] for k, v in committed.items() if source.owns(k))
+                progress = Progress(source.images - done + n_retry, opts.progress)
+            else:  # container files are counted as they are read: ETA from the files still to read
+                progress = Progress(None, opts.progress, estimate=lambda: _estimate(source, n_retry))
             try:
                 if opts.ray_address == "none":
                     _run_in_process(opts, todo, progress, report)
@@ -351,12 +437,17 @@ def build_gallery(opts: BuildOptions) -> BuildReport:
                     _run_ray(opts, todo, progress, report)
             finally:
                 progress.close()
-        if todo or not _finalized(out):
+            report.images_planned = source.images
+            report.shards_planned = source.shards
+            report.not_planned, report.not_planned_count = list(source.skipped_entries), source.skipped_count
+        if report.shards_done or not _finalized(out):
             manifest = finalize_gallery(out, opts.finalize_memory_mb)
         else:  # nothing new: leave the index that readers may be mapping as it is
             manifest = read_json_object(out / "manifest.json", "gallery manifest")
-        report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in failed_images(out)]
+        failures = failed_images(out)
     report.gallery_images, report.gallery_patches = manifest["images"], manifest["patches"]
+    report.failed_count = len(failures)
+    report.failed = [{k: f[k] for k in ("key", "path", "reason")} for f in failures[:max(opts.max_listed, 1000)]]
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -366,6 +457,13 @@ def _finalized(out: Path) -> bool:
     from vlmixer.storage.gallery_writer import list_parts, sealed_parts
 
     return (out / "manifest.json").exists() and {p.name for p in list_parts(out)} <= sealed_parts(out)
+
+
+def _estimate(source: PlanShards, n_retry: int) -> int | None:
+    files = source.files_read
+    if not files:
+        return None
+    return round(source.images / files * len(source.inputs)) + n_retry
 
 
 def _record(report: BuildReport, stats: dict[str, Any]) -> None:
@@ -380,7 +478,7 @@ def _extra(opts: BuildOptions, shard: Shard) -> dict[str, Any]:
     return {"size": len(shard.items), "batch_size": opts.batch_size}
 
 
-def _run_in_process(opts: BuildOptions, todo: list[Shard], progress: Progress, report: BuildReport) -> None:
+def _run_in_process(opts: BuildOptions, todo: Iterable[Shard], progress: Progress, report: BuildReport) -> None:
     """The same callables as the Ray job, in a loop: for debugging and machines without Ray."""
     runner = DetectorRunner(opts.detector, opts.weights, opts.device, num_threads=opts.threads,
                             factory=opts.detector_factory, boxes=_box_plan(opts))
@@ -445,7 +543,7 @@ class _OpenShard:
     remaining: int
 
 
-def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: BuildReport) -> None:
+def _run_ray(opts: BuildOptions, todo: Iterable[Shard], progress: Progress, report: BuildReport) -> None:
     import ray
     from ray.exceptions import RayActorError, RayError
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -475,8 +573,9 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
         max_open = n_actors + 2
         policy = _policy(opts)
 
-        batches: Iterator[tuple[int, int, tuple[ImageItem, ...]]] = (
-            (si, bi, chunk) for si, s in enumerate(todo) for bi, chunk in enumerate(_batches(s, opts.batch_size)))
+        # lazily, one shard at a time: the plan is never materialised here
+        batches: Iterator[tuple[int, int, Shard, tuple[ImageItem, ...]]] = (
+            (si, bi, s, chunk) for si, s in enumerate(todo) for bi, chunk in enumerate(_batches(s, opts.batch_size)))
         retry: deque[tuple[int, int, int, tuple[ImageItem, ...]]] = deque()
         open_shards: dict[int, _OpenShard] = {}
         inflight: dict[Any, tuple[int, int, int, tuple[ImageItem, ...], int]] = {}
@@ -503,13 +602,13 @@ def _run_ray(opts: BuildOptions, todo: list[Shard], progress: Progress, report: 
                 if nxt is None:
                     exhausted = True
                     break
-                si, bi, chunk = nxt
+                si, bi, shard, chunk = nxt
                 if si not in open_shards:
                     if len(open_shards) + len(commits) >= max_open:  # bound what waits for a commit
                         batches = _prepend(nxt, batches)
                         break
-                    n_b = len(_batches(todo[si], opts.batch_size))
-                    open_shards[si] = _OpenShard(todo[si], [[None] for _ in range(n_b)], n_b)
+                    n_b = len(_batches(shard, opts.batch_size))
+                    open_shards[si] = _OpenShard(shard, [[None] for _ in range(n_b)], n_b)
                 submit(si, bi, 0, chunk)
             if not inflight and not commits and exhausted and not retry:
                 break

@@ -22,7 +22,7 @@ DECODE_MODES = ("standard", "reference")
 class BuildOptions:
     """Every knob of a build; the CLI fills it, tests and the bench construct it directly."""
 
-    images: str
+    images: str | tuple[str, ...]  # a folder, list file or json; or webdataset tars / parquet files
     detector: str
     out: str
     weights: str | None = None
@@ -48,6 +48,8 @@ class BuildOptions:
     progress: bool | None = None  # None: a bar on a terminal, periodic log lines otherwise
     max_listed: int = 50
     finalize_memory_mb: int = DEFAULT_FINALIZE_MEMORY_MB  # finalize's peak memory: external sort beyond it
+    image_column: str = "jpg"  # parquet: image bytes or paths (img2dataset's column names)
+    key_column: str | None = "key"  # parquet: the sample key (default: FILE/ROW when absent)
     # Python API only: builds the detector instead of `pipeline.detector.Detector.from_config`
     # (must be importable where Ray runs it). Tests pass a double; users a custom detector.
     detector_factory: Any = None

@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vlmixer.errors import VlmixerError
 from vlmixer.files import atomic_write
-from vlmixer.pipeline.gallery.images import BadImage, DecodePolicy, load_rgb
+from vlmixer.pipeline.gallery.images import BadImage, DecodePolicy
+from vlmixer.pipeline.gallery.sources import ImageItem, load_item
 
 LABEL_H = 28
 TITLE_H = 30
@@ -101,8 +102,8 @@ def render_concept(gallery: str | Path, concept: str, out: str | Path, *, max_pa
         rec = reader.image(p.image)
         if p.image not in cache:
             path = image_path(rec.path, rec.key, image_root)
-            try:
-                cache[p.image] = load_rgb(path, policy).array
+            try:  # a plain file, or a webdataset tar member / parquet cell by its locator
+                cache[p.image] = load_item(ImageItem(key=rec.key, path=str(path)), policy).array
             except BadImage as e:
                 cache[p.image] = e.reason
             if len(cache) > 16:

@@ -13,13 +13,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlmixer.errors import VlmixerError
-from vlmixer.files import read_lines
+from vlmixer.pipeline.containers import parse_locator, read_located
+from vlmixer.pipeline.gallery.images import BadImage, DecodedImage, DecodePolicy, decode_bytes
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list", ".tsv"})
@@ -27,10 +29,17 @@ LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list", ".tsv"})
 
 @dataclass(frozen=True, slots=True)
 class ImageItem:
-    """One image to process: `key` is its identity in the gallery, `path` where to read it."""
+    """One image to process: `key` is its identity in the gallery, `path` where to read it.
+
+    For a member of a webdataset tar or a parquet file, `path` is a locator
+    (`containers.tar_locator`) and `offset`/`size` say where its bytes are when the
+    planner knew it (a tar member's byte range; a parquet row in `offset`)."""
 
     key: str
     path: str
+    offset: int = -1
+    size: int = -1
+    problem: str = ""  # why it cannot be read, when the planner already knows (a tar cut short)
 
 
 @dataclass(frozen=True)
@@ -54,38 +63,94 @@ def keys_digest(keys: Iterable[str]) -> str:
     return h.hexdigest()
 
 
-def _folder(root: Path) -> list[ImageItem]:
-    items = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            p = Path(dirpath) / name
-            items.append(ImageItem(key=p.relative_to(root).as_posix(), path=str(p)))
-    return items
+@dataclass
+class WalkReport:
+    """What a folder walk left out and why: directory links already walked (symlink loops,
+    two links to one directory), unreadable directories. Special files named like images
+    are not here: they are listed as images and their reading records them as failed."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    max_kept: int = 1000
+    count: int = 0
+
+    def add(self, path: str, reason: str) -> None:
+        self.count += 1
+        if len(self.skipped) < self.max_kept:
+            self.skipped.append((path, reason))
 
 
-def _list_file(path: Path, image_root: Path | None) -> list[ImageItem]:
-    """One image per line: `path`, or `key<TAB>path`; relative paths are taken from the
-    list file's directory (or `image_root`); blank lines and `#` comments are skipped."""
-    base = image_root or path.parent
-    lines = read_lines(path, "image list")
-    items = []
-    for n, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
+def walk_images(root: Path, report: WalkReport | None = None) -> Iterator[ImageItem]:
+    """Image files under `root` in a stable order, each real directory walked once.
+
+    Directory symlinks are followed, but a directory is identified by (device, inode), so
+    `self -> .` or two links into one tree cannot repeat or loop. Nothing is opened here:
+    files are listed by name, and reading refuses anything but a regular file."""
+    report = report if report is not None else WalkReport()
+    seen: set[tuple[int, int]] = set()
+    st = os.stat(root)
+    seen.add((st.st_dev, st.st_ino))
+    stack: list[tuple[Path, str]] = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            report.add(rel or ".", f"unreadable directory ({e.strerror or e})")
             continue
-        if "\t" in line:
-            key, _, rel = line.partition("\t")
-            key, rel = key.strip(), rel.strip()
-            if not key or not rel:
-                raise VlmixerError(f"{path}:{n}: expected 'path' or 'key<TAB>path', got {line!r}")
-        else:
-            key = rel = line
-        p = Path(rel)
-        items.append(ImageItem(key=key, path=str(p if p.is_absolute() else base / p)))
-    return items
+        subdirs = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            r = f"{rel}/{e.name}" if rel else e.name
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                try:
+                    ds = e.stat(follow_symlinks=True)
+                except OSError as err:
+                    report.add(r, f"unreadable directory ({err.strerror or err})")
+                    continue
+                ident = (ds.st_dev, ds.st_ino)
+                if ident in seen:
+                    target = os.readlink(e.path) if e.is_symlink() else "a directory already walked"
+                    report.add(r, f"directory already walked (link to {target})")
+                    continue
+                seen.add(ident)
+                subdirs.append((Path(e.path), r))
+            elif Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield ImageItem(key=r, path=e.path)
+        stack.extend(reversed(subdirs))
+
+
+def _folder(root: Path) -> list[ImageItem]:
+    return list(walk_images(root))
+
+
+def _list_file(path: Path, image_root: Path | None) -> Iterator[ImageItem]:
+    """One image per line: `path`, or `key<TAB>path`; relative paths are taken from the
+    list file's directory (or `image_root`); blank lines and `#` comments are skipped.
+    Streamed: a list of 100M lines never sits in memory."""
+    base = str(image_root or path.parent)
+    join, isabs, norm = os.path.join, os.path.isabs, os.path.normpath  # not pathlib: 100M lines
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                if "\t" in line:
+                    key, _, rel = line.partition("\t")
+                    key, rel = key.strip(), rel.strip()
+                    if not key or not rel:
+                        raise VlmixerError(f"{path}:{n}: expected 'path' or 'key<TAB>path', got {line!r}")
+                else:
+                    key = rel = line
+                yield ImageItem(key=key, path=norm(rel if isabs(rel) else join(base, rel)))
+    except (OSError, UnicodeDecodeError) as e:
+        raise VlmixerError(f"{path}: cannot read image list ({e})") from None
 
 
 def _json_items(path: Path, image_root: Path | None) -> list[ImageItem]:
@@ -120,20 +185,30 @@ def _json_items(path: Path, image_root: Path | None) -> list[ImageItem]:
     return items
 
 
-def read_source(src: str | Path, *, image_root: str | Path | None = None) -> list[ImageItem]:
-    """All images of a folder, list file or COCO/VG json, in key order; keys are unique."""
+def iter_source(src: str | Path, *, image_root: str | Path | None = None,
+                walk: WalkReport | None = None) -> Iterator[ImageItem]:
+    """The images of a folder, list file or COCO/VG json as they are found (unsorted, not yet
+    checked for repeated keys: the planner does both on disk)."""
     p = Path(src)
     root = Path(image_root) if image_root is not None else None
     if p.is_dir():
-        items = _folder(p)
-    elif not p.exists():
-        raise VlmixerError(f"{p}: image source does not exist (a folder, a list file or a COCO/VG json)")
-    elif p.suffix.lower() == ".json":
-        items = _json_items(p, root)
-    elif p.suffix.lower() in LIST_EXTENSIONS:
-        items = _list_file(p, root)
-    else:
-        raise VlmixerError(f"{p}: unknown image source; give a folder, a .txt/.lst list of paths, or a json")
+        return walk_images(p, walk)
+    if not p.exists():
+        raise VlmixerError(f"{p}: image source does not exist (a folder, a list file, a COCO/VG json, "
+                           "webdataset .tar shards or .parquet files)")
+    if p.suffix.lower() == ".json":
+        return iter(_json_items(p, root))
+    if p.suffix.lower() in LIST_EXTENSIONS:
+        return _list_file(p, root)
+    raise VlmixerError(f"{p}: unknown image source; give a folder, a .txt/.lst list of paths, a json, "
+                       "webdataset .tar shards or .parquet files")
+
+
+def read_source(src: str | Path, *, image_root: str | Path | None = None) -> list[ImageItem]:
+    """All images of a folder, list file or COCO/VG json, in key order; keys are unique.
+    Holds the list in memory: for small collections and tools; builds use the streaming plan."""
+    p = Path(src)
+    items = list(iter_source(p, image_root=image_root))
     seen: dict[str, str] = {}
     for it in items:
         if it.key in seen:
@@ -142,6 +217,11 @@ def read_source(src: str | Path, *, image_root: str | Path | None = None) -> lis
     if not items:
         raise VlmixerError(f"{p}: no images found")
     return sorted(items, key=lambda it: it.key)
+
+
+def bucket_order(seed: int, key: str) -> int:
+    """Where a key falls in the seeded shard order (see `make_shards`)."""
+    return _bucket_hash(seed, key)
 
 
 def _bucket_hash(seed: int, key: str) -> int:
@@ -164,3 +244,59 @@ def make_shards(items: Sequence[ImageItem], shard_size: int, *, seed: int = 0) -
 
 def plan_summary(shards: Sequence[Shard]) -> dict[str, Any]:
     return {"shards": len(shards), "images": sum(len(s.items) for s in shards)}
+
+
+# -- reading an item's bytes ----------------------------------------------------------------
+
+
+def read_regular_file(path: str | Path) -> bytes:
+    """A file's bytes, refusing anything but a regular file without blocking on it.
+
+    Opened non-blocking and checked with fstat on the open descriptor: a FIFO named
+    `.jpg` would otherwise hang the reader forever, and a device could be read without end."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise BadImage("missing file") from None
+    except IsADirectoryError:
+        raise BadImage("not a file (directory)") from None
+    except OSError as e:
+        raise BadImage(f"unreadable ({e.strerror or e})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BadImage(f"not a regular file ({_file_kind(mode)})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise BadImage(f"unreadable ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def read_item_bytes(item: ImageItem) -> bytes:
+    """The encoded image of an item: a plain file, a tar member or a parquet cell."""
+    if parse_locator(item.path) is not None:
+        try:
+            return read_located(item.path, item.offset, item.size)
+        except OSError as e:
+            msg = str(e)
+            raise BadImage(msg if msg.startswith(("truncated", "no image")) else f"unreadable ({msg})") from None
+        except Exception as e:  # noqa: BLE001  a damaged parquet page is this image's problem only
+            raise BadImage(f"unreadable ({type(e).__name__}: {str(e)[:100]})") from None
+    return read_regular_file(item.path)
+
+
+def load_item(item: ImageItem, policy: DecodePolicy) -> DecodedImage:
+    """Read and decode one item; any problem is a `BadImage` with its reason."""
+    if item.problem:
+        raise BadImage(item.problem)
+    return decode_bytes(read_item_bytes(item), policy)

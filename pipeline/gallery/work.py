@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from vlmixer.pipeline.gallery.images import BadImage, DecodePolicy, load_rgb
-from vlmixer.pipeline.gallery.sources import ImageItem, keys_digest
+from vlmixer.pipeline.gallery.images import BadImage, DecodePolicy
+from vlmixer.pipeline.gallery.sources import ImageItem, keys_digest, load_item
 
 # A callable that turns an RGB uint8 image into the detector's input (tensor, scale),
 # cheap and weight-free, so CPU tasks can resize before the detector sees the batch.
@@ -114,7 +114,7 @@ def decode_batch(items: Sequence[ImageItem], policy: DecodePolicy,
     for it in items:
         d = DecodedItem(key=it.key, path=it.path)
         try:
-            img = load_rgb(it.path, policy)
+            img = load_item(it, policy)
             d.width, d.height, d.note = img.width, img.height, img.note
             if preprocess is not None:
                 t, scale = preprocess(img.array)[:2]

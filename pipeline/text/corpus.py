@@ -13,6 +13,13 @@ Formats (`--format auto` picks by suffix):
          for files without a header
   coco   a COCO captions json (`annotations` with `caption`, `image_id`); records keep
          the annotation id as sentence id and the image key for paired data
+  webdataset  tar shards as img2dataset writes them: the caption is the sample's `.txt`
+         member (`--field txt`, the default) or a field of its `.json` member (`--field
+         caption`); the sample's key is the sentence id and the image key
+  parquet  `--caption-column` (default caption) and `--key-column` (default key) of each row
+
+Inputs may name many files at once: a list, a glob or brace notation
+(`shards/{00000..00999}.tar`), expanded by `containers.expand_inputs`.
 """
 from __future__ import annotations
 
@@ -26,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from vlmixer.errors import VlmixerError
+from vlmixer.pipeline import containers
 
-FORMATS = ("txt", "jsonl", "tsv", "coco")
+FORMATS = ("txt", "jsonl", "tsv", "coco", "webdataset", "parquet")
 _SUFFIX_FORMAT = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".tsv": "tsv",
-                  ".json": "coco"}
+                  ".json": "coco", ".tar": "webdataset", ".parquet": "parquet", ".pq": "parquet"}
+CONTAINER_FORMATS = ("webdataset", "parquet")
 IMAGE_KEY_MODES = ("file_name", "id")
 
 # Reasons a record or sentence is skipped; the keys of every `skipped` counter.
@@ -40,7 +49,10 @@ MISSING_FIELD = "missing_field"
 MALFORMED_TSV = "malformed_tsv"
 TOO_LONG = "too_long"
 SENTENCE_TOO_LONG = "sentence_too_long"
-REASONS = (NON_UTF8, EMPTY, MALFORMED_JSON, MISSING_FIELD, MALFORMED_TSV, TOO_LONG, SENTENCE_TOO_LONG)
+MISSING_MEMBER = "missing_member"  # a webdataset sample without the caption member
+TRUNCATED = "truncated"  # a webdataset member cut short with its tar
+REASONS = (NON_UTF8, EMPTY, MALFORMED_JSON, MISSING_FIELD, MALFORMED_TSV, TOO_LONG, SENTENCE_TOO_LONG,
+           MISSING_MEMBER, TRUNCATED)
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,7 @@ class CorpusFile:
     column: int = -1  # tsv: resolved text column
     id_column: int = -1  # tsv: resolved id column, -1 = none
     has_header: bool = False  # tsv
+    key_column: str = "key"  # parquet
 
 
 @dataclass(frozen=True)
@@ -71,7 +84,8 @@ class Record:
 @dataclass(frozen=True)
 class ShardTask:
     """A unit of work with a stable name. Line formats carry (line_no, raw bytes or None
-    when over-long); coco carries (ann_id, caption as found in the json, image_key)."""
+    when over-long); coco carries (ann_id, caption as found in the json, image_key);
+    webdataset and parquet carry (sample key, raw caption bytes / str or None, problem)."""
 
     name: str
     file: CorpusFile
@@ -112,14 +126,27 @@ def _tsv_columns(path: Path, field: str, id_field: str | None) -> tuple[int, int
     return header.index(field), idc, True
 
 
+def _expand(paths: Sequence[str | Path], fmt: str) -> list[Path]:
+    """Container specs (globs, brace ranges) become their files; other paths stay as given."""
+    out: list[Path] = []
+    for p in paths:
+        if fmt in CONTAINER_FORMATS or (fmt == "auto" and containers.is_container_spec(str(p))):
+            out += containers.expand_inputs(str(p))
+        else:
+            out.append(Path(p))
+    return out
+
+
 def open_corpus_files(paths: Sequence[str | Path], *, fmt: str = "auto", field: str = "text",
-                      id_field: str | None = None, split: str = "auto") -> list[CorpusFile]:
+                      id_field: str | None = None, split: str = "auto",
+                      key_column: str = "key") -> list[CorpusFile]:
     """Validate every input up front (exists, format, tsv columns) so a typo fails in a second,
     not after an hour of tagging."""
     if not paths:
         raise VlmixerError("no input corpus given (--input)")
     if split not in ("auto", "yes", "no"):
         raise VlmixerError(f"--split must be auto, yes or no, not {split!r}")
+    paths = _expand(paths, fmt)
     names = [Path(p).name for p in paths]
     out = []
     for i, p in enumerate(paths):
@@ -128,12 +155,18 @@ def open_corpus_files(paths: Sequence[str | Path], *, fmt: str = "auto", field: 
             raise VlmixerError(f"{path}: input corpus does not exist or is not a file")
         f = detect_format(path, fmt)
         tag = names[i] if names.count(names[i]) == 1 else f"{names[i]}@{i}"
-        do_split = (f != "coco") if split == "auto" else split == "yes"
+        # captions (COCO, img2dataset's containers) are sentences already
+        do_split = (f not in ("coco", *CONTAINER_FORMATS)) if split == "auto" else split == "yes"
         col, idc, header = (-1, -1, False)
         if f == "tsv":
             col, idc, header = _tsv_columns(path, field, id_field)
-        out.append(CorpusFile(index=i, path=str(path.resolve()), fmt=f, tag=tag, field=field,
-                              id_field=id_field, split=do_split, column=col, id_column=idc, has_header=header))
+        fld = field
+        if f == "parquet":
+            fld = "caption" if field == "text" else field
+            containers.check_columns(path, {"--caption-column": fld})
+        out.append(CorpusFile(index=i, path=str(path.resolve()), fmt=f, tag=tag, field=fld,
+                              id_field=id_field, split=do_split, column=col, id_column=idc, has_header=header,
+                              key_column=key_column))
     return out
 
 
@@ -171,8 +204,13 @@ def iter_raw_lines(path: str | Path, max_bytes: int) -> Iterator[tuple[int, byte
             yield n, line.rstrip(b"\r\n")
 
 
-def count_records(cf: CorpusFile) -> int:
-    """Line count (or caption count) for the progress bar's total; reads at disk speed."""
+def count_records(cf: CorpusFile) -> int | None:
+    """Line count (or caption count) for the progress bar's total; reads at disk speed. None for
+    a webdataset tar, whose samples are known only by reading it (the job estimates instead)."""
+    if cf.fmt == "webdataset":
+        return None
+    if cf.fmt == "parquet":
+        return int(containers.parquet_file(cf.path).metadata.num_rows)
     if cf.fmt == "coco":
         return len(_coco_items(cf, "file_name"))
     n = 0
@@ -226,6 +264,16 @@ def plan_shards(files: Sequence[CorpusFile], shard_size: int, *, max_line_bytes:
             continue
         chunk: list[tuple[Any, ...]] = []
         c = 0
+        if cf.fmt in CONTAINER_FORMATS:
+            records = _webdataset_items(cf, max_line_bytes) if cf.fmt == "webdataset" else _parquet_items(cf)
+            for item in records:
+                chunk.append(item)
+                if len(chunk) == shard_size:
+                    yield ShardTask(f"{cf.index:04d}-{c:06d}", cf, tuple(chunk))
+                    chunk, c = [], c + 1
+            if chunk:
+                yield ShardTask(f"{cf.index:04d}-{c:06d}", cf, tuple(chunk))
+            continue
         for n, raw in iter_raw_lines(cf.path, max_line_bytes):
             if n == 1 and cf.has_header:
                 continue
@@ -235,6 +283,65 @@ def plan_shards(files: Sequence[CorpusFile], shard_size: int, *, max_line_bytes:
                 chunk, c = [], c + 1
         if chunk:
             yield ShardTask(f"{cf.index:04d}-{c:06d}", cf, tuple(chunk))
+
+
+def _webdataset_items(cf: CorpusFile, max_bytes: int) -> Iterator[tuple[Any, ...]]:
+    """(key, caption member bytes or None, problem) per sample, in archive order; the caption is
+    the `.txt` member, or the `.json` member for a json field."""
+    samples, problem = containers.scan_tar(cf.path)
+    ext = "txt" if cf.field in ("text", "txt") else "json"
+    for s in samples:
+        m = s.members.get(ext)
+        if m is None:
+            yield s.key, None, MISSING_MEMBER
+        elif m.size > max_bytes:
+            yield s.key, None, TOO_LONG
+        else:
+            try:
+                yield s.key, containers.read_range(cf.path, m.offset, m.size), None
+            except OSError:
+                yield s.key, None, TRUNCATED
+    if problem is not None and not any(s.problem for s in samples):
+        yield f"{Path(cf.path).name}#", None, TRUNCATED
+
+
+def _parquet_items(cf: CorpusFile) -> Iterator[tuple[Any, ...]]:
+    names = containers.parquet_columns(cf.path)
+    key_col = cf.key_column if cf.key_column in names else None
+    cols = [c for c in (key_col, cf.field) if c]
+    row = 0
+    for batch in containers.iter_parquet(cf.path, cols):
+        keys = batch.get(key_col) if key_col else None
+        for j, text in enumerate(batch[cf.field]):
+            key = keys[j] if keys is not None and keys[j] not in (None, "") else f"{cf.tag}/{row}"
+            yield str(key), text, None
+            row += 1
+
+
+def _decode_sample(cf: CorpusFile, key: str, raw: Any, problem: str | None) -> Record | str:
+    """A container sample's caption as a record keyed (and image-keyed) by the sample's key, or
+    the reason it has none."""
+    if problem is not None:
+        return problem
+    if raw is None:
+        return MISSING_FIELD
+    if isinstance(raw, str):
+        text = raw
+    else:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return NON_UTF8
+    if cf.fmt == "webdataset" and cf.field not in ("text", "txt"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:
+            return MALFORMED_JSON
+        value = obj.get(cf.field) if isinstance(obj, dict) else None
+        if not isinstance(value, str):
+            return MISSING_FIELD
+        text = value
+    return Record(key, text, key) if text.strip() else EMPTY
 
 
 def _decode_line(cf: CorpusFile, n: int, raw: bytes | None) -> Record | str:
@@ -297,6 +404,10 @@ def decode_items(task: ShardTask, *, max_record_chars: int,
             else:
                 r = Record(ann_id, caption, key)
             where = {"annotation": ann_id}
+        elif cf.fmt in CONTAINER_FORMATS:
+            key, raw, problem = item
+            r = _decode_sample(cf, key, raw, problem)
+            where = {"sample": key}
         else:
             n, raw = item
             r = _decode_line(cf, n, raw)

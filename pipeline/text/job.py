@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -194,7 +195,7 @@ class _TagActor:
 
 def run_tag_job(config: TagJobConfig, *, ray_address: str | None = None, workers: int | None = None,
                 progress: bool = True, nlp: Any = None,
-                on_shard: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                on_shard: Callable[[dict[str, Any]], None] | None = None, log_every: float = 30.0) -> dict[str, Any]:
     """Tag every uncommitted shard, then write the manifest; returns the manifest (with `summary`)."""
     from tqdm import tqdm
 
@@ -205,9 +206,16 @@ def run_tag_job(config: TagJobConfig, *, ray_address: str | None = None, workers
     writer = TextStoreWriter(out, concepts=config.concepts, tokenizer_name=config.tokenizer.name,
                              vocab_file=config.tokenizer.vocab_file, provenance=provenance)
     committed = set(writer.committed_shards())
-    total = sum(count_records(cf) for cf in config.inputs)
-    bar = tqdm(total=total, unit="rec", mininterval=1.0, smoothing=0.05, disable=not progress,
-               desc="text tag", dynamic_ncols=True)
+    counts_known = [count_records(cf) for cf in config.inputs]
+    unknown = {cf.index for cf, n in zip(config.inputs, counts_known) if n is None}
+    total = sum(n for n in counts_known if n is not None)
+    # a bar on a terminal; in a log (a cluster job's stderr) a line every `log_every` seconds
+    tty = sys.stderr.isatty()
+    bar = tqdm(total=total if not unknown else None, unit="rec", mininterval=1.0, smoothing=0.05,
+               disable=not (progress and tty), desc="text tag", dynamic_ncols=True)
+    last_log = [time.perf_counter()]
+    # tars are counted as they are read: the total (and so the ETA) is estimated from those read
+    planned: Counter[int] = Counter()
     counts: Counter[str] = Counter()
     started = time.perf_counter()
 
@@ -219,14 +227,42 @@ def run_tag_job(config: TagJobConfig, *, ray_address: str | None = None, workers
         bar.set_postfix({"sent/s": f"{counts['sentences'] / el:.0f}", "spans": counts["spans"],
                          "skipped": counts["skipped"]}, refresh=False)
         bar.update(stats["records"])
+        counts["records"] += stats["records"]
+        if progress and not tty and time.perf_counter() - last_log[0] >= log_every:
+            last_log[0] = time.perf_counter()
+            print(progress_line(counts["records"], bar.total, counts["sentences"], el), file=sys.stderr, flush=True)
         if on_shard is not None:
             on_shard(stats)
 
+    def estimate(current: int) -> None:
+        read = [i for i in planned if i in unknown and i != current]
+        if read:
+            per_file = sum(planned[i] for i in read) / len(read)
+            bar.total = total + round(sum(planned[i] for i in unknown if i in planned) - planned[current]
+                                      + per_file * (len(unknown) - len(read)))
+            bar.refresh()
+
+    skipped_records = [0]  # committed before this run: not part of this run's rate
+
+    def progress_line(done_records: int, total_records: int | None, sentences: int, el: float) -> str:
+        rate = done_records / el
+        left = None if total_records is None else total_records - done_records - skipped_records[0]
+        eta = f"ETA {left / rate:.0f} s" if rate > 0 and left is not None else "ETA ?"
+        return (f"[text] {done_records + skipped_records[0]}/{total_records if total_records is not None else '?'} "
+                f"records, {rate:.0f} rec/s, {sentences / el:.0f} sent/s, {eta}")
+
     def pending() -> Iterable[ShardTask]:
+        last = -1
         for task in plan_shards(config.inputs, config.shard_size, max_line_bytes=config.max_line_bytes,
                                 image_key=config.image_key):
+            if unknown:
+                if task.file.index != last:
+                    estimate(task.file.index)
+                    last = task.file.index
+                planned[task.file.index] += len(task.items)
             if task.name in committed:
                 bar.update(len(task.items))
+                skipped_records[0] += len(task.items)
                 continue
             yield task
 

@@ -18,14 +18,15 @@ def _build(a: argparse.Namespace) -> int:
     from vlmixer.pipeline.gallery.job import BuildOptions, build_gallery
 
     opts = BuildOptions(
-        images=a.images, detector=str(resolve_config(a.detector, "detector")), out=a.out, weights=a.weights, image_root=a.image_root,
+        images=a.images[0] if len(a.images) == 1 else tuple(a.images),
+        detector=str(resolve_config(a.detector, "detector")), out=a.out, weights=a.weights, image_root=a.image_root,
         labelmap=a.labelmap, vocab=a.vocab, ray_address=a.ray_address, num_cpus=a.num_cpus,
         shard_size=a.shard_size, batch_size=a.batch_size, num_gpus_per_worker=a.num_gpus_per_worker,
         cpu_workers=a.cpu_workers, threads=a.threads, retry_failed=a.retry_failed, seed=a.seed, device=a.device,
         strict_modes=not a.convert_modes, max_pixels=a.max_pixels, decode=a.decode, boxes=a.boxes,
         box_synonyms=a.box_synonyms == "wordnet",
         progress=False if a.no_progress else None, max_listed=a.max_listed,
-        finalize_memory_mb=a.finalize_memory_mb,
+        finalize_memory_mb=a.finalize_memory_mb, image_column=a.image_column, key_column=a.key_column,
     )
     report = build_gallery(opts)
     print(report.summary(opts.max_listed))
@@ -91,8 +92,14 @@ def register(tree: CommandTree) -> None:
         help="detect regions in an image collection and write an LMDB patch gallery (Ray, resumable)",
         example="vlmixer gallery build --images coco/val2014 --detector tiny "
                 "--labelmap labelmap.json --out gallery --ray-address local")
-    p.add_argument("--images", required=True, metavar="SRC",
-                   help="a folder of images, a .txt list of paths (or key<TAB>path), or a COCO/VG json")
+    p.add_argument("--images", required=True, nargs="+", metavar="SRC",
+                   help="a folder of images, a .txt list of paths (or key<TAB>path), a COCO/VG json, or "
+                        "webdataset .tar shards / .parquet files as img2dataset writes them (several, a glob, "
+                        "or brace notation such as 'shards/{00000..00999}.tar'; quote it)")
+    p.add_argument("--image-column", default=default("image_column"), metavar="COL",
+                   help="parquet: the column of image bytes or image paths (default jpg)")
+    p.add_argument("--key-column", default=default("key_column"), metavar="COL",
+                   help="parquet: the column of sample keys (default key; FILE/ROW when absent)")
     p.add_argument("--image-root", metavar="DIR",
                    help="where relative paths of a list file or json point (default: its directory)")
     p.add_argument("--detector", required=True, metavar="CONFIG", help="detector config: a yaml file or a bundled name (vinvl_x152c4, butd_r101c4, tiny)")

@@ -15,10 +15,19 @@ from vlmixer.cli import CommandTree
 
 def _corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="CORPUS",
-                   help="txt (a sentence or document per line), jsonl, tsv or COCO captions json files")
-    p.add_argument("--format", default="auto", choices=("auto", "txt", "jsonl", "tsv", "coco"),
-                   help="corpus format (default: by file suffix: .txt .jsonl .tsv .json)")
-    p.add_argument("--field", default="text", help="jsonl key or tsv column (name or 0-based index) of the text")
+                   help="txt (a sentence or document per line), jsonl, tsv or COCO captions json files, or "
+                        "webdataset .tar shards / .parquet files as img2dataset writes them (several, a glob, "
+                        "or brace notation such as 'shards/{00000..00999}.tar'; quote it)")
+    p.add_argument("--format", default="auto",
+                   choices=("auto", "txt", "jsonl", "tsv", "coco", "webdataset", "parquet"),
+                   help="corpus format (default: by file suffix: .txt .jsonl .tsv .json .tar .parquet)")
+    p.add_argument("--field", default="text",
+                   help="jsonl key or tsv column (name or 0-based index) of the text; webdataset: txt (the "
+                        ".txt member, default) or a key of the .json member")
+    p.add_argument("--caption-column", default=None, metavar="COL",
+                   help="parquet: the caption column (default caption)")
+    p.add_argument("--key-column", default="key", metavar="COL",
+                   help="parquet: the sample key column, the captions' image key (default key)")
     p.add_argument("--id-field", default=None, help="jsonl key or tsv column holding a sentence id")
     p.add_argument("--split", default="auto", choices=("auto", "yes", "no"),
                    help="split records into sentences (auto: yes, except COCO captions)")
@@ -41,8 +50,8 @@ def _tag(args: argparse.Namespace) -> int:
     for name in ("shard_size", "batch_size", "n_process", "max_sentence_chars"):
         if getattr(args, name) < 1:
             raise VlmixerError(f"--{name.replace('_', '-')} must be >= 1")
-    files = open_corpus_files(args.input, fmt=args.format, field=args.field, id_field=args.id_field,
-                              split=args.split)
+    files = open_corpus_files(args.input, fmt=args.format, field=args.caption_column or args.field,
+                              id_field=args.id_field, split=args.split, key_column=args.key_column)
     model = resolve_model_name(args.spacy_model)
     nlp = load_spacy(model)
     concepts, mapping = _mapping(args, nlp)
@@ -86,8 +95,8 @@ def _vocab(args: argparse.Namespace) -> int:
     from vlmixer.pipeline.text.corpus import decode_items, open_corpus_files, plan_shards
     from vlmixer.pipeline.text.wordpiece import train_wordpiece
 
-    files = open_corpus_files(args.input, fmt=args.format, field=args.field, id_field=args.id_field,
-                              split="no")
+    files = open_corpus_files(args.input, fmt=args.format, field=args.caption_column or args.field,
+                              id_field=args.id_field, split="no", key_column=args.key_column)
     skipped: Counter[str] = Counter()
 
     def texts():
