@@ -252,6 +252,8 @@ def plan(opts: BuildOptions, source: PlanShards, committed: dict[str, dict[str, 
          report: BuildReport, spill_dir: str | Path) -> tuple[Iterator[Shard], int]:
     """Shards still to do (uncommitted plan shards, then retry shards), lazily, and how many
     retry images follow the plan. Skipped shards are counted into `report` as they pass."""
+    from vlmixer.storage.gallery_failures import failed_images
+
     _check_plan(opts, source, committed)
     n_retry, retries = 0, iter(())
     if opts.retry_failed:
