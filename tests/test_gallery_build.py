@@ -114,7 +114,10 @@ def test_two_node_cluster_with_fake_gpu_equals_inprocess(data, reference) -> Non
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert_same_gallery(reference[0], out)
+    # batches of 4 here, of 3 in the reference: with no padding to a size multiple (as VinVL's extractor),
+    # a batch's tensor shape follows its largest image and convolutions block differently, so an image's
+    # floats agree across batchings within fp32 tolerance, not bit for bit (the same batching is exact)
+    assert_same_gallery(reference[0], out, exact=False)
     r = GalleryReader(out)
     workers = {w for s in r.shards().values() for w in s["workers"]}
     r.close()
@@ -149,9 +152,15 @@ def test_a_crashing_decode_worker_fails_only_its_image(data, reference, tmp_path
     assert reason.startswith("worker crashed"), reason
     assert got["failures"] == ref["failures"]
     assert got["counts"] == ref["counts"] and sorted(got["images"]) == sorted(ref["images"])
+    # the crashed batch's other images were re-run one by one: equal within fp32 tolerance, as any
+    # other batching (bit for bit only under the same batching; see the two-node test)
     for key, x in ref["images"].items():
-        for f in ("boxes", "features", "confidences"):
-            assert np.array_equal(x[f], got["images"][key][f]), (key, f)
+        y = got["images"][key]
+        assert x["concepts"] == y["concepts"], key
+        np.testing.assert_allclose(x["boxes"], y["boxes"], atol=1e-3, err_msg=key)
+        np.testing.assert_allclose(x["confidences"], y["confidences"], atol=1e-4, err_msg=key)
+        np.testing.assert_allclose(x["features"].astype(np.float32), y["features"].astype(np.float32),
+                                   rtol=2e-3, atol=2e-3, err_msg=key)
 
 
 def _process_tree(root_pid: int) -> set[int]:

@@ -335,15 +335,20 @@ class ShardCommitter:
     lock_held_by_driver: bool = False  # the build driver holds the gallery's write lock for the run
     _writer: Any = field(default=None, repr=False)
 
-    def __post_init__(self) -> None:
-        from vlmixer.storage.gallery_writer import GalleryWriter
-        from vlmixer.storage.vocab import Vocabulary
+    @property
+    def writer(self) -> Any:
+        """The part writer, opened at the first use: a run with nothing to commit (its lazy plan
+        turned out empty) leaves no new, empty part behind."""
+        if self._writer is None:
+            from vlmixer.storage.gallery_writer import GalleryWriter
+            from vlmixer.storage.vocab import Vocabulary
 
-        self._writer = GalleryWriter(
-            self.root, part=self.part, feature_dim=self.feature_dim,
-            concepts=Vocabulary.from_json(self.concepts),
-            attributes=Vocabulary.from_json(self.attributes) if self.attributes else None,
-            provenance=self.provenance, lock_held_by_driver=self.lock_held_by_driver)
+            self._writer = GalleryWriter(
+                self.root, part=self.part, feature_dim=self.feature_dim,
+                concepts=Vocabulary.from_json(self.concepts),
+                attributes=Vocabulary.from_json(self.attributes) if self.attributes else None,
+                provenance=self.provenance, lock_held_by_driver=self.lock_held_by_driver)
+        return self._writer
 
     def commit(self, shard_id: str, keys_sha256: str, extra: dict[str, Any], *pieces: BatchPiece) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -352,7 +357,7 @@ class ShardCommitter:
         if got != keys_sha256 or len({o.key for o in outcomes}) != len(outcomes):
             raise RuntimeError(f"shard {shard_id}: the detected images are not the shard's images "
                                f"({len(outcomes)} outcomes)")
-        done = self._writer.committed_shards().get(shard_id)
+        done = self.writer.committed_shards().get(shard_id)
         if done is not None:
             if done.get("keys_sha256") != keys_sha256:
                 from vlmixer.errors import StoreError
@@ -361,7 +366,7 @@ class ShardCommitter:
         reasons: Counter[str] = Counter()
         failed: dict[str, str] = {}
         converted: dict[str, str] = {}
-        with self._writer.shard(shard_id) as buf:
+        with self.writer.shard(shard_id) as buf:
             for o in outcomes:
                 if o.failure is not None:
                     buf.add_failure(o.key, o.path, o.failure)
@@ -393,14 +398,14 @@ class ShardCommitter:
         return stats
 
     def committed(self) -> dict[str, dict[str, Any]]:
-        return self._writer.committed_shards()
+        return self.writer.committed_shards()
 
     def stored_keys(self, keys: Sequence[str]) -> dict[str, str]:
         """Which of `keys` this part already holds, with the shard that stored each: a source that
         lists an image twice (an import of released features) must not fail a whole shard on it."""
         import msgpack
 
-        w = self._writer
+        w = self.writer
         found: dict[str, str] = {}
         with w.env.begin() as txn:
             for k in keys:
@@ -411,4 +416,5 @@ class ShardCommitter:
         return found
 
     def close(self) -> None:
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
