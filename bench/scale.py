@@ -27,6 +27,8 @@ plan  The gallery build's planning, as the driver runs it: a list file of N
       the run loop takes them), with an empty store so every shard is to do.
       `--legacy N` also measures the in-memory plan (`read_source` +
       `make_shards`) that the build used before, for comparison.
+      `--retry N ...` groups N failure records into retry shards (the
+      `--retry-failed` plan; records generated, not read from a store).
       `--tars N ...` plans N webdataset tars of 1,000 samples each (tiny
       members): the plan reads one tar at a time, so the peak must not grow
       with N.
@@ -195,6 +197,32 @@ def write_tars(folder: Path, n_tars: int, per_tar: int = 1000) -> str:
     return str(folder / "*.tar")
 
 
+def child_retry(n: str) -> dict:
+    from vlmixer.pipeline.gallery.plan import retry_shards, spill_folder
+
+    base = peak_rss_mb()
+    t0 = time.perf_counter()
+    failures = ({"key": f"img{i:09d}", "path": f"/data/collection/{i:09d}.jpg", "shard": f"s0-256-{i % 39_063:06d}",
+                 "part": "part-00000"} for i in range(int(n)))
+    shards = images = 0
+    with spill_folder() as spill:
+        count, todo = retry_shards(failures, 1, spill)
+        for s in todo:
+            shards += 1
+            images += len(s.items)
+    return {"images": images, "shards": shards, "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1), "rss_after_imports_mb": round(base, 1)}
+
+
+def bench_retry(counts: list[int]) -> None:
+    print(f"{'failures':>12} {'peak RSS MB':>12} {'after imports':>14} {'seconds':>8} {'shards':>8}")
+    for n in counts:
+        r = _child("retry", str(n))
+        assert r["images"] == n, r
+        print(f"{n:>12,} {r['peak_rss_mb']:>12.1f} {r['rss_after_imports_mb']:>14.1f} {r['seconds']:>8.1f} "
+              f"{r['shards']:>8,}", flush=True)
+
+
 def child_plan(list_file: str, mode: str) -> dict:
     from vlmixer.pipeline.gallery.job import BuildOptions, BuildReport, plan, source_plan
     from vlmixer.pipeline.gallery.plan import spill_folder
@@ -317,6 +345,8 @@ def args_plan(p: argparse.ArgumentParser) -> None:
                    help="sizes at which to also measure the in-memory plan")
     p.add_argument("--tars", type=int, nargs="*", default=[],
                    help="also plan this many webdataset tars of 1,000 samples (e.g. 10 100)")
+    p.add_argument("--retry", type=int, nargs="*", default=[],
+                   help="also group this many failure records into retry shards (e.g. 100000 1000000)")
 
 
 def run_plan(a: argparse.Namespace) -> None:
@@ -324,6 +354,8 @@ def run_plan(a: argparse.Namespace) -> None:
         bench_plan(a.sizes, a.legacy)
     if a.tars:
         bench_tars(a.tars)
+    if a.retry:
+        bench_retry(a.retry)
 
 
 def args_text(p: argparse.ArgumentParser) -> None:
@@ -343,7 +375,8 @@ SECTIONS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callab
     "plan": ("gallery planning: driver peak RSS over N listed images", args_plan, run_plan),
     "text": ("text tag driver: peak RSS over an N-line corpus", args_text, run_text),
 }
-CHILDREN: dict[str, Callable[..., dict]] = {"finalize": child_finalize, "plan": child_plan, "text": child_text}
+CHILDREN: dict[str, Callable[..., dict]] = {"finalize": child_finalize, "plan": child_plan, "retry": child_retry,
+                                            "text": child_text}
 
 
 def main(argv: list[str] | None = None) -> None:

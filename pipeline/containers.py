@@ -204,13 +204,20 @@ def read_range(path: str | Path, offset: int, size: int) -> bytes:
     return data
 
 
-_TAR_INDEX: dict[str, dict[str, Member]] = {}
+_TAR_INDEX: dict[Any, dict[str, Member]] = {}
+
+
+def _identity(path: str | Path) -> tuple[str, int, int]:
+    """What a cache of a file's contents is keyed by: a rewritten file is another file."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    return real, st.st_mtime_ns, st.st_size
 
 
 def find_member(path: str | Path, name: str) -> Member:
     """A member by name, from a scan of its tar (the last tar scanned is kept, so looking up
     several members of one tar scans it once). For retries and pictures, not the hot path."""
-    key = os.path.realpath(path)
+    key = _identity(path)
     index = _TAR_INDEX.get(key)
     if index is None:
         samples, _ = scan_tar(path)
@@ -259,19 +266,25 @@ def iter_parquet(path: str | Path, columns: Sequence[str], batch_rows: int = 409
         yield {c: batch.column(c).to_pylist() for c in columns}
 
 
-_ROW_GROUP: dict[tuple[str, str, int], Any] = {}
+_ROW_GROUP: dict[tuple[Any, str, int], Any] = {}
+_OPEN_PARQUET: dict[Any, Any] = {}  # the last file read, footer parsed once
 
 
 def read_parquet_cell(path: str | Path, column: str, row: int) -> Any:
     """One cell by row number. A row group is the unit parquet can read alone, so the last
     one read is kept: consecutive rows (a decode batch) cost one read."""
-    pf = parquet_file(path)
+    real = _identity(path)
+    pf = _OPEN_PARQUET.get(real)
+    if pf is None:
+        pf = parquet_file(path)
+        _OPEN_PARQUET.clear()
+        _OPEN_PARQUET[real] = pf
     meta = pf.metadata
     start = 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
         if row < start + n:
-            ck = (os.path.realpath(path), column, g)
+            ck = (real, column, g)
             col = _ROW_GROUP.get(ck)
             if col is None:
                 col = pf.read_row_group(g, columns=[column]).column(column)

@@ -389,3 +389,32 @@ def test_a_tar_cut_inside_a_header_and_a_sample_without_image_are_recorded(tmp_p
     (shard,) = list(container_plan(str(tar), shard_size=10))
     assert [it.key for it in shard.items] == ["00000.tar#"]
     assert shard.items[0].problem.startswith("not a readable tar archive")
+
+
+def test_gallery_progress_estimates_the_total_of_container_inputs() -> None:
+    from vlmixer.pipeline.gallery.job import Progress
+
+    known: list[int | None] = [None]
+    p = Progress(None, enabled=False, estimate=lambda: known[0])
+    p.update({"keys": 8, "patches": 30, "failures": 1})
+    assert p.line().startswith("[gallery] 8/? images,") and p.line().endswith("ETA ?")
+    known[0] = 40  # the first tar was read: 20 samples, 2 tars in all
+    p.update({"keys": 12, "patches": 10, "failures": 0})
+    line = p.line()
+    assert line.startswith("[gallery] 20/40 images,") and "40 patches, 1 failed, ETA " in line and "ETA ?" not in line
+
+
+def test_a_repeated_commit_finds_its_own_marker(tmp_path: Path) -> None:
+    """An actor retried after it committed: the marker is looked up alone, and the shard is not written twice."""
+    from vlmixer.pipeline.gallery.sources import keys_digest
+    from vlmixer.pipeline.gallery.work import ShardCommitter, failure_piece
+
+    items = [ImageItem(key=k, path=f"/x/{k}.jpg") for k in ("a", "b")]
+    c = ShardCommitter(str(tmp_path / "g"), 16, [["thing"]], None, {})
+    first = c.commit("s0-2-000000", keys_digest(["a", "b"]), {"size": 2}, failure_piece(items, "missing file"))
+    again = c.commit("s0-2-000000", keys_digest(["a", "b"]), {"size": 2}, failure_piece(items, "missing file"))
+    assert first["failures"] == 2 and "already_committed" not in first
+    assert again["already_committed"] and again["keys_sha256"] == first["keys_sha256"]
+    with pytest.raises(VlmixerError, match="committed with other images"):
+        c.commit("s0-2-000000", keys_digest(["a"]), {"size": 1}, failure_piece(items[:1], "missing file"))
+    c.close()

@@ -357,7 +357,7 @@ class ShardCommitter:
         if got != keys_sha256 or len({o.key for o in outcomes}) != len(outcomes):
             raise RuntimeError(f"shard {shard_id}: the detected images are not the shard's images "
                                f"({len(outcomes)} outcomes)")
-        done = self.writer.committed_shards().get(shard_id)
+        done = self._marker(shard_id)
         if done is not None:
             if done.get("keys_sha256") != keys_sha256:
                 from vlmixer.errors import StoreError
@@ -396,6 +396,16 @@ class ShardCommitter:
                      patches=sum(o.num_patches for o in outcomes), failures=len(failed),
                      commit_s=round(time.perf_counter() - t0, 4))
         return stats
+
+    def _marker(self, shard_id: str) -> dict[str, Any] | None:
+        """One shard's commit marker, looked up alone (reading all of them at every commit
+        would make a job of N shards cost N^2)."""
+        import msgpack
+
+        w = self.writer
+        with w.env.begin(db=w.dbs[b"shard"]) as txn:
+            v = txn.get(shard_id.encode())
+        return None if v is None else msgpack.unpackb(bytes(v))
 
     def committed(self) -> dict[str, dict[str, Any]]:
         return self.writer.committed_shards()
