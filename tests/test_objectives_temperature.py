@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vlmixer.trainer.objectives.paired_losses as paired_mod
+import vlmixer.trainer.objectives.paired_terms as paired_mod
 from vlmixer.storage.gallery import GalleryReader
 from vlmixer.storage.synthetic import CONCEPTS, paired_stores
 from vlmixer.storage.textstore import TextStoreReader

@@ -232,7 +232,6 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
 
 PAIRED_OBJECTIVES = ("itc", "itm", "mlm", "imc", "lmi", "box", "concept_itc", "concept_itm")
 VIEW_OBJECTIVES = ("itc", "lmi")  # on VALP's two views; ITM/box need an image, IMC a second text view
-MOMENTUM_OBJECTIVES = ("itc", "imc", "lmi")  # these need the EMA model (and, but lmi, the queues)
 
 
 def _validate_paired(cfg: TrainConfig) -> None:
