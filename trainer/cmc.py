@@ -31,6 +31,8 @@ import numpy as np
 from vlmixer.storage.gallery import GalleryReader
 from vlmixer.trainer.config import CMCConfig
 
+_DEFAULTS = CMCConfig()  # the defaults live in the config schema only
+
 
 @dataclass(frozen=True)
 class MixResult:
@@ -50,7 +52,8 @@ class CrossModalCutMix:
     can be handed to DataLoader workers by fork or by pickling.
     """
 
-    def __init__(self, *, gallery: GalleryReader, r_cmc: float = 0.5, r_ctx: float = 0.5, k_shot: int = 15) -> None:
+    def __init__(self, *, gallery: GalleryReader, r_cmc: float = _DEFAULTS.r_cmc, r_ctx: float = _DEFAULTS.r_ctx,
+                 k_shot: int = _DEFAULTS.k_shot) -> None:
         self.gallery = gallery
         self.r_cmc = float(r_cmc)
         self.r_ctx = float(r_ctx)

@@ -200,12 +200,7 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"data.max_tag_tokens={d.max_tag_tokens}: must be in (0, max_len_tavp - 3)")
     if d.num_workers < 0 or d.prefetch_factor < 1 or d.text_cache_shards < 0:
         raise ConfigError("data.num_workers and data.text_cache_shards must be >= 0, data.prefetch_factor >= 1")
-    if not 0.0 <= c.r_cmc <= 1.0:
-        raise ConfigError(f"cmc.r_cmc={c.r_cmc}: must be in [0, 1]")
-    if c.r_ctx < 0:
-        raise ConfigError(f"cmc.r_ctx={c.r_ctx}: must be >= 0")
-    if c.k_shot < 0:
-        raise ConfigError(f"cmc.k_shot={c.k_shot}: must be >= 0 (0 = whole concept list)")
+    validate_cmc(c)
     if not 0 < o.mlm_prob < 1:
         raise ConfigError(f"objective.mlm_prob={o.mlm_prob}: must be in (0, 1)")
     if o.mlm_mask_frac < 0 or o.mlm_random_frac < 0 or o.mlm_mask_frac + o.mlm_random_frac > 1:
@@ -228,6 +223,16 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"run.precision={r.precision!r}: bf16 or fp32")
     if r.ckpt_every < 1 or r.log_every < 1 or r.keep_last < 0 or r.stop_at_step < 0:
         raise ConfigError("run: ckpt_every >= 1, log_every >= 1, keep_last >= 0, stop_at_step >= 0 required")
+
+
+def validate_cmc(c: CMCConfig) -> None:
+    """The CMC keys alone (`vlmixer mix` checks these without the rest of a training config)."""
+    if not 0.0 <= c.r_cmc <= 1.0:
+        raise ConfigError(f"cmc.r_cmc={c.r_cmc}: must be in [0, 1]")
+    if c.r_ctx < 0:
+        raise ConfigError(f"cmc.r_ctx={c.r_ctx}: must be >= 0")
+    if c.k_shot < 0:
+        raise ConfigError(f"cmc.k_shot={c.k_shot}: must be >= 0 (0 = whole concept list)")
 
 
 PAIRED_OBJECTIVES = ("itc", "itm", "mlm", "imc", "lmi", "box", "concept_itc", "concept_itm")

@@ -300,3 +300,16 @@ def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainCon
 
 def config_from_checkpoint(state: dict[str, Any]) -> TrainConfig:
     return from_dict(TrainConfig, state["config"])
+
+
+def run_config(source: str | Path) -> TrainConfig:
+    """The config a run trains with: a run directory's `config.yaml`, the one a checkpoint (`.pt`) was
+    saved with, or a config file / bundled name (the defaults it does not set included)."""
+    p = Path(source)
+    if p.is_dir():
+        if not (p / "config.yaml").is_file():
+            raise ConfigError(f"{p}: a directory but not a training run (no config.yaml)")
+        return load_train_config(p / "config.yaml", [])
+    if p.suffix == ".pt" and p.is_file():
+        return config_from_checkpoint(load_checkpoint(p))
+    return load_train_config(source, [])
