@@ -61,7 +61,7 @@ def valp_dataset(cfg: TrainConfig, texts: list[TextStoreReader], gallery: Galler
     """VALP's dataset as `cfg` trains it; `vlmixer mix` builds it here too, so it shows the training input."""
     o, d = cfg.objective, cfg.data
     return ValpDataset(corpus=TextCorpus(texts, cache_shards=d.text_cache_shards),
-                       cmc=CrossModalCutMix.from_config(gallery, cfg.cmc),
+                       cmc=CrossModalCutMix.from_config(gallery, cfg.cmc, seed=cfg.run.seed),
                        vocab=vocab, mask=vocab.mask_spec(o.mlm_prob, o.mlm_mask_frac, o.mlm_random_frac),
                        max_len=d.max_len_valp, seed=cfg.run.seed)
 

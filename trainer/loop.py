@@ -180,10 +180,12 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
                                      num_concepts=len(stores.gallery.concepts)).to(info.device)
     longest = max(cfg.data.max_len_valp, cfg.data.max_len_tavp,
                   cfg.data.max_caption_tokens + cfg.data.max_patches + 3 if cfg.data.paired_ratio > 0 else 0)
-    if longest > model.config.max_position_embeddings:
+    reserved = 1 if cfg.model.patch_position == "shared" else 0  # the last index is the patches'
+    if longest + reserved > model.config.max_position_embeddings:
         raise ConfigError(f"data.max_len_valp/max_len_tavp (or the paired task's max_caption_tokens + "
                           f"max_patches + 3) reach {longest} tokens but the model has "
-                          f"{model.config.max_position_embeddings} position embeddings")
+                          f"{model.config.max_position_embeddings} position embeddings"
+                          + (" (one of them the patches' shared position)" if reserved else ""))
     pre = Pretrainer(model=model, objective=cfg.objective)
     net: torch.nn.Module = pre
     if info.distributed:

@@ -53,7 +53,9 @@ class Pretrainer(nn.Module):
             cl, n_neg = cmcl_loss(proj[:B], proj[B:], o.tau, o.cmcl_global_negatives)
             total = o.mlm_weight * mlm + o.cmcl_weight * cl
             res = {"mlm": mlm.detach(), "cmcl": cl.detach(),
-                   "mlm_tokens": torch.tensor(float(n_mlm)), "cmcl_candidates": torch.tensor(float(n_neg))}
+                   "mlm_tokens": torch.tensor(float(n_mlm)), "cmcl_candidates": torch.tensor(float(n_neg)),
+                   # under gradient accumulation these are the global micro-batch's, not the optimiser batch's
+                   "cmcl_negatives": torch.tensor(float(n_neg - 1))}
             if self.paired is not None and self.paired.view_terms:  # objective.views on the CMC views
                 views = self.paired.views(m, batch, enc)
                 for t in self.paired.view_terms:  # the rest (the temperature) is logged only

@@ -19,12 +19,13 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
+from vlmixer.trainer.masking import IGNORE
 from vlmixer.trainer.model import Encoded, VLMixerModel
-from vlmixer.trainer.objectives.albef import itc_loss, itm_loss, sample_hard_negatives
-from vlmixer.trainer.objectives.tcl import infonce, lmi_loss
+from vlmixer.trainer.objectives.albef import distilled_mlm_loss, itc_loss, itm_loss, sample_hard_negatives
+from vlmixer.trainer.objectives.tcl import imc_loss, lmi_loss
 from vlmixer.trainer.objectives.valp import mlm_loss
 from vlmixer.trainer.objectives.xvlm import box_loss
-from vlmixer.trainer.paired_data import N_VIEWS, fuse
+from vlmixer.trainer.paired_data import N_VIEWS, fuse, hide_patches
 
 # the parts a term may need; PairedObjectives builds each one at most once
 MOMENTUM, QUEUES, TEMP, ALPHA, ITM_HEAD, BOX_HEAD = "momentum", "queues", "temp", "alpha", "itm_head", "box_head"
@@ -87,16 +88,17 @@ class PairedTerm:
 
 
 def itm_on_hard_negatives(model: VLMixerModel, head: torch.nn.Module, batch: dict[str, torch.Tensor],
-                          t_rows: torch.Tensor, v_rows: torch.Tensor, sim: torch.Tensor, same: torch.Tensor
-                          ) -> torch.Tensor:
-    """ALBEF's ITM: B positives, then for each image a hard negative text and for each text a hard
-    negative image, drawn by softmax of `sim`, the (detached) contrastive logits (cosine / tau)."""
-    neg_t, ok_t = sample_hard_negatives(sim, same)  # row i: an image, column: a text
-    neg_v, ok_v = sample_hard_negatives(sim.t(), same.t())
+                          t_rows: torch.Tensor, v_rows: torch.Tensor, sim_i2t: torch.Tensor, sim_t2i: torch.Tensor,
+                          same: torch.Tensor) -> torch.Tensor:
+    """ALBEF's ITM: B positives, then for each image a hard negative text drawn by softmax of its row of
+    `sim_i2t` and for each text a hard negative image by its row of `sim_t2i`, the (detached)
+    contrastive logits (cosine / tau); `same` (images x texts) marks pairs that are no negatives."""
+    neg_t, ok_t = sample_hard_negatives(sim_i2t, same)  # row i: an image, column: a text
+    neg_v, ok_v = sample_hard_negatives(sim_t2i, same.t())
     t = [t_rows, t_rows[neg_t[ok_t]], t_rows[ok_v]]
     v = [v_rows, v_rows[ok_t], v_rows[neg_v[ok_v]]]
     t_all, v_all = torch.cat(t).tolist(), torch.cat(v).tolist()
-    labels = torch.zeros(len(t_all), dtype=torch.long, device=sim.device)
+    labels = torch.zeros(len(t_all), dtype=torch.long, device=sim_i2t.device)
     labels[: len(t_rows)] = 1
     cls = model.encode(fuse(batch, t_all, v_all)).cls
     return itm_loss(head(cls), labels)
@@ -122,14 +124,15 @@ class ITC(PairedTerm):
 
 
 class IMC(PairedTerm):
-    """TCL's intra-modal contrast: each modality's online view against its momentum view and queue."""
+    """TCL's intra-modal contrast: each modality's online view against its momentum view and queue, with
+    the momentum model's soft targets as ITC's."""
 
-    name, rows, needs = "imc", PAIR_ROWS, frozenset({MOMENTUM, QUEUES, TEMP})
+    name, rows, needs = "imc", PAIR_ROWS, frozenset({MOMENTUM, QUEUES, TEMP, ALPHA})
 
     def loss(self, s: PairedStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        o = s.owner
-        return (infonce(s.img, s.img_m, o.img_queue.feats, s.tau)
-                + infonce(s.txt, s.txt_m, o.txt_queue.feats, s.tau)) / 2, {}
+        o, alpha = s.owner, s.alpha()
+        return (imc_loss(s.img, s.img_m, o.img_queue.feats, s.tau, alpha)
+                + imc_loss(s.txt, s.txt_m, o.txt_queue.feats, s.tau, alpha)) / 2, {}
 
 
 class LMI(PairedTerm):
@@ -147,37 +150,62 @@ class LMI(PairedTerm):
 
 
 class ITM(PairedTerm):
-    """ALBEF's image-text matching on fused pairs, negatives drawn by contrastive similarity."""
+    """ALBEF's image-text matching on fused pairs, negatives drawn by contrastive similarity.
+
+    As ALBEF's `sim_i2t[:, :bs]`, the similarities are the online features
+    against the momentum model's of the batch (online against online when
+    no term keeps a momentum model).
+    """
 
     name, rows, needs = "itm", PAIR_ROWS, frozenset({ITM_HEAD})
 
     def loss(self, s: PairedStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         same = s.batch["image_ids"][:, None] == s.batch["image_ids"][None, :]
-        sim = (s.img @ s.txt.t()).detach() / s.hard_tau
-        return itm_on_hard_negatives(s.model, s.owner.itm_head, s.batch, s.T, s.V, sim, same), {}
+        txt_k, img_k = (s.txt_m, s.img_m) if s.txt_m is not None and s.img_m is not None else (s.txt, s.img)
+        sim_i2t = (s.img @ txt_k.t()).detach() / s.hard_tau
+        sim_t2i = (s.txt @ img_k.t()).detach() / s.hard_tau
+        return itm_on_hard_negatives(s.model, s.owner.itm_head, s.batch, s.T, s.V, sim_i2t, sim_t2i, same), {}
 
 
 class MLM(PairedTerm):
-    """ALBEF's masked language modelling: the masked caption fused with its image."""
+    """ALBEF's masked language modelling: the masked caption fused with its image, distilled from the
+    momentum model's predictions on the same input when a term keeps one (ALBEF's `soft_labels`)."""
 
-    name = "mlm"
+    name, needs = "mlm", frozenset({ALPHA})
 
     def loss(self, s: PairedStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ar = torch.arange(s.B, device=s.T.device)
         fused = fuse(s.batch, (ar + N_VIEWS * s.B).tolist(), s.V.tolist())
-        loss, n = mlm_loss(s.model.mlm_logits, s.model.encode(fused).hidden, fused["mlm_labels"])
+        hidden, labels, mom = s.model.encode(fused).hidden, fused["mlm_labels"], s.owner.momentum
+        sel = labels != IGNORE
+        n = int(sel.sum())
+        if mom is None or s.owner.obj.distill_alpha <= 0 or n == 0:
+            loss, n = mlm_loss(s.model.mlm_logits, hidden, labels)
+            return loss, {"mlm_tokens": torch.tensor(float(n))}
+        with torch.no_grad():
+            logits_m = mom.mlm_logits(mom.encode(fused).hidden[sel])
+        loss = distilled_mlm_loss(s.model.mlm_logits(hidden[sel]), labels[sel], logits_m, s.alpha())
         return loss, {"mlm_tokens": torch.tensor(float(n))}
 
 
 class Box(PairedTerm):
-    """X-VLM's box regression of the concept's patch from the fused (concept text, image) [CLS]."""
+    """X-VLM's box regression of the concept's patch from the fused (concept text, image) [CLS].
+
+    The target patch is one of the image's patches, so its own box is in the
+    input; `objective.box_hide` zeroes that patch's 6 box values (and its
+    feature) in this task's input, so the head must find the concept rather
+    than copy a box.
+    """
 
     name, needs = "box", frozenset({BOX_HEAD})
 
     def loss(self, s: PairedStep) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        head, has = s.owner.box_head, s.has
+        head, has, hide = s.owner.box_head, s.has, s.owner.obj.box_hide
         if len(has):
-            pred = head(s.model.encode(fuse(s.batch, s.CT[has].tolist(), s.V[has].tolist())).cls)
+            fused = fuse(s.batch, s.CT[has].tolist(), s.V[has].tolist())
+            if hide != "none":
+                fused = hide_patches(fused, s.batch["box_patch"][has], feature=hide == "geometry_and_feature")
+            pred = head(s.model.encode(fused).cls)
             l1, g = box_loss(pred, s.batch["box_targets"][has])
         else:
             l1 = g = sum(p.sum() for p in head.parameters()) * 0.0
@@ -207,8 +235,9 @@ class ConceptITM(PairedTerm):
             return s.proj.sum() * 0.0, {}
         cid = s.batch["concept_ids"][s.has]
         same = cid[:, None] == cid[None, :]
-        sim = (s.cv @ s.ct.t()).detach() / s.hard_tau
-        return itm_on_hard_negatives(s.model, s.owner.itm_head, s.batch, s.CT[s.has], s.CV[s.has], sim, same), {}
+        sim = (s.cv @ s.ct.t()).detach() / s.hard_tau  # X-VLM has no momentum model: online against online
+        return itm_on_hard_negatives(s.model, s.owner.itm_head, s.batch, s.CT[s.has], s.CV[s.has], sim, sim.t(),
+                                     same), {}
 
 
 # in computing order: terms that draw random numbers (dropout, negatives) keep their order across configs
