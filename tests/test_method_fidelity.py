@@ -376,3 +376,43 @@ def test_mlm_mask_rates_and_logged_negatives(tmp_path: Path) -> None:
     model = VLMixerModel.from_config(cfg.model, vocab_size=stores.vocab.size, num_concepts=len(CONCEPTS))
     out = Pretrainer(model=model, objective=cfg.objective)(batch, "valp")
     assert float(out["cmcl_negatives"]) == 4.0 and float(out["cmcl_candidates"]) == 5.0
+
+
+def test_paired_mlm_distils_from_the_momentum_model_on_the_fused_input(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MLM term hands the distillation the momentum model's logits at the masked caption's positions
+    and the step's alpha; with the momentum copy still equal to the model they are the model's logits."""
+    import vlmixer.trainer.objectives.paired_terms as terms
+    from vlmixer.storage.synthetic import paired_stores
+    from vlmixer.storage.textstore import TextStoreReader
+    from vlmixer.trainer.config import ObjectiveConfig
+    from vlmixer.trainer.data import TextCorpus
+    from vlmixer.trainer.objectives import Pretrainer
+    from vlmixer.trainer.paired_data import PairedDataset, PairIndex, collate_paired
+
+    gd, td = paired_stores(tmp_path, n_images=6, captions_per_image=1, feature_dim=8)
+    g, t = GalleryReader(gd), TextStoreReader(td)
+    vocab = WordPieceVocab.read(t.vocab_file)
+    ds = PairedDataset(corpus=TextCorpus([t]), index=PairIndex([t], g), gallery=g, vocab=vocab,
+                       tag_pieces=concept_wordpieces(vocab.path, CONCEPTS), max_caption_tokens=16, max_patches=8,
+                       seed=0, mask=vocab.mask_spec(0.5, 0.8, 0.1))
+    batch = collate_paired([ds[(0, i)] for i in range(6)])
+    seen = {}
+    real = terms.distilled_mlm_loss
+
+    def spy(logits, labels, logits_m, alpha):  # noqa: ANN001, ANN202
+        seen.update(logits=logits.detach(), labels=labels, logits_m=logits_m, alpha=alpha)
+        return real(logits, labels, logits_m, alpha)
+
+    monkeypatch.setattr(terms, "distilled_mlm_loss", spy)
+    torch.manual_seed(0)
+    model = VLMixerModel.from_config(ModelConfig(bert=dict(TINY_BERT), feature_dim=8, proj_dim=4),
+                                     vocab_size=vocab.size, num_concepts=len(CONCEPTS))
+    pre = Pretrainer(model=model, objective=ObjectiveConfig(paired={"itc": 1.0, "mlm": 1.0}, queue_size=4,
+                                                            distill_alpha=0.4, distill_rampup=0)).eval()
+    with torch.no_grad():
+        out = pre(batch, "paired")
+    masked_caption = batch["mlm_labels"][4 * 6: 5 * 6]
+    assert seen["labels"].tolist() == masked_caption[masked_caption != IGNORE].tolist()
+    assert seen["alpha"] == pytest.approx(0.4) and torch.allclose(seen["logits_m"], seen["logits"], atol=1e-5)
+    assert float(out["mlm"]) == pytest.approx(float(real(seen["logits"], seen["labels"], seen["logits_m"], 0.4)))
