@@ -122,3 +122,19 @@ def test_mix_with_a_runs_config_mixes_as_that_run(stores: tuple[Path, Path], tmp
     assert main(["mix", "sample", "--config", str(run), "--k-shot", "-1"]) == 2
     assert main(["mix", "sample", "--config", str(tmp_path)]) == 2  # a directory that is not a run
     assert main(["mix", "sample", "--text", str(t)]) == 2  # no gallery anywhere
+
+
+def test_a_checkpoint_older_than_a_method_key_reads_as_it_trained() -> None:
+    """A config saved before `model.patch_position`, `objective.box_hide` and `cmc.pool` existed trained with
+    slot positions, a visible box and per-word pools: reading it back must say so, not today's defaults."""
+    from vlmixer.config import to_dict
+    from vlmixer.trainer.config import TrainConfig
+    from vlmixer.trainer.loop import config_from_checkpoint
+
+    old = to_dict(TrainConfig())
+    for section, key in (("model", "patch_position"), ("objective", "box_hide"), ("cmc", "pool")):
+        del old[section][key]
+    cfg = config_from_checkpoint({"config": old})
+    assert (cfg.model.patch_position, cfg.objective.box_hide, cfg.cmc.pool) == ("word", "none", "per_word")
+    new = config_from_checkpoint({"config": to_dict(TrainConfig())})
+    assert (new.model.patch_position, new.objective.box_hide) == ("shared", "geometry")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmixer.config import from_dict
 from vlmixer.errors import ConfigError
 
 
@@ -243,6 +244,23 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"run.precision={r.precision!r}: bf16 or fp32")
     if r.ckpt_every < 1 or r.log_every < 1 or r.keep_last < 0 or r.stop_at_step < 0:
         raise ConfigError("run: ckpt_every >= 1, log_every >= 1, keep_last >= 0, stop_at_step >= 0 required")
+
+
+# keys whose default changed the method: a run saved before the key existed trained with these values
+LEGACY = {("model", "patch_position"): "word", ("objective", "box_hide"): "none", ("cmc", "pool"): "per_word"}
+
+
+def saved_config(saved: dict[str, Any]) -> TrainConfig:
+    """The config a checkpoint was trained with, reading a key it predates as the value it trained with.
+
+    Why: `patch_position` and `box_hide` default to the papers' reading now;
+    a checkpoint saved before they existed used slot positions and a visible
+    box, and evaluating it otherwise would feed it inputs it never saw.
+    """
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for (section, key), value in LEGACY.items():
+        d.setdefault(section, {}).setdefault(key, value)
+    return from_dict(TrainConfig, d)
 
 
 CMC_POOLS = ("per_word", "per_concept_epoch")

@@ -23,7 +23,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from vlmixer.config import from_dict, to_dict
+from vlmixer.config import to_dict
 from vlmixer.errors import ConfigError, VlmixerError
 from vlmixer.files import atomic_write_bytes
 from vlmixer.trainer import distributed as tdist
@@ -35,7 +35,7 @@ from vlmixer.trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from vlmixer.trainer.config import TrainConfig, validate
+from vlmixer.trainer.config import TrainConfig, saved_config, validate
 from vlmixer.trainer.data import TaskLoaders, task_for_step
 from vlmixer.trainer.model import VLMixerModel
 from vlmixer.trainer.objectives import Pretrainer
@@ -168,7 +168,7 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
         if ck is None:
             raise VlmixerError(f"--resume: no checkpoint under {out / 'checkpoints'}")
         state = load_checkpoint(ck)
-        _check_resume_config(state["config"], cfg)
+        _check_resume_config(to_dict(saved_config(state["config"])), cfg)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
@@ -301,7 +301,7 @@ def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainCon
 
 
 def config_from_checkpoint(state: dict[str, Any]) -> TrainConfig:
-    return from_dict(TrainConfig, state["config"])
+    return saved_config(state["config"])
 
 
 def run_config(source: str | Path) -> TrainConfig:
