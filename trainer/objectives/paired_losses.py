@@ -48,6 +48,9 @@ from vlmixer.trainer.paired_data import select_rows
 
 
 class PairedObjectives(nn.Module):
+    """The terms of `objective.paired` and `objective.views`, and the parts they share, as one module so a
+    checkpoint carries the momentum model, queues, temperatures and ramp counters with the heads."""
+
     def __init__(self, *, model: VLMixerModel, objective: ObjectiveConfig) -> None:
         super().__init__()
         self.obj = objective
@@ -80,14 +83,6 @@ class PairedObjectives(nn.Module):
         if ALPHA in view_need:
             self.register_buffer("view_batches", torch.zeros((), dtype=torch.long))
         self.epoch_batches: dict[str, int] = {}
-
-    @property
-    def weights(self) -> dict[str, float]:
-        return {t.name: t.weight for t in self.terms}
-
-    @property
-    def view_weights(self) -> dict[str, float]:
-        return {t.name: t.weight for t in self.view_terms}
 
     def set_epoch_batches(self, per_epoch: dict[str, int]) -> None:
         """Micro-batches per epoch of each task's data on one process (the loop's samplers know them).
