@@ -2,7 +2,8 @@
 
     python bench/objectives.py [--steps 100] [--images 64] [KEY=VALUE ...]
 
-Each config under configs/pretrain/ (albef_paired, tcl_paired, xvlm_paired, vlmixer_plus_itc) is shrunk
+Each config under configs/pretrain/ (albef_paired, tcl_paired, xvlm_paired, vlmixer_plus_itc; and
+xvlm_box_visible, X-VLM with the box target's own box left in the box task's input) is shrunk
 by vlmixer.trainer.smoke.TINY_OVERRIDES (a 2-layer 64-wide BERT, batch 16), SMOKE below, then any KEY=VALUE,
 and trained on `paired_stores` (+ `tiny_stores` for VALP/TAVP). Per task and term it prints the mean of
 the first and the last fifth of the logged steps, so "losses decrease" is a table, not a claim.
@@ -34,13 +35,16 @@ from vlmixer.storage.synthetic import paired_stores, tiny_stores
 from vlmixer.trainer.loop import load_train_config, train
 from vlmixer.trainer.smoke import TINY_OVERRIDES
 
-CONFIGS = ("albef_paired", "tcl_paired", "xvlm_paired", "vlmixer_plus_itc")
+CONFIGS = ("albef_paired", "tcl_paired", "xvlm_paired", "xvlm_box_visible", "vlmixer_plus_itc")
+# runs of a config with a key changed: X-VLM's box task with the target's own box left in its input, to
+# show what hiding it (objective.box_hide: geometry, the default) costs the box loss
+VARIANTS = {"xvlm_box_visible": ("xvlm_paired", ["objective.box_hide=none"])}
 # queues scaled to the tiny store (the configs' 65536 would be random vectors for all 100 steps);
 # vlmixer_plus_itc also trains objective.views (ITC + LMI over the CMC views) on its VALP steps
 SMOKE = {"albef_paired": ["objective.queue_size=64"], "tcl_paired": ["objective.queue_size=64"], "xvlm_paired": [],
          "vlmixer_plus_itc": ["objective.queue_size=64", "objective.views={itc: 1.0, lmi: 1.0}"]}
 NOT_LOSSES = {"step", "task", "lr", "grad_norm", "samples_per_s", "data_frac", "pairs", "box_targets",
-              "cmcl_candidates", "mlm_tokens", "tag_tokens", "patch_targets", "temp"}
+              "cmcl_candidates", "cmcl_negatives", "mlm_tokens", "tag_tokens", "patch_targets", "temp"}
 
 
 def pretrained_tiny_bert(root: Path, gallery: Path, text: Path, steps: int) -> Path:
@@ -97,10 +101,12 @@ def main() -> int:
             print(f"## pretrained tiny BERT: {args.warmup_steps} VLMixer steps in {time.perf_counter() - t0:.1f} s\n")
         for name in args.configs:
             out = root / name
+            base, changed = VARIANTS.get(name, (name, []))
             ov = [*TINY_OVERRIDES, f"data.gallery={g}", f"data.paired_text_stores=[{t}]", f"data.text_stores=[{u}]",
-                  f"run.out_dir={out}", f"optim.total_steps={args.steps}", *init, *SMOKE.get(name, []), *args.overrides]
+                  f"run.out_dir={out}", f"optim.total_steps={args.steps}", *init, *SMOKE.get(base, []), *changed,
+                  *args.overrides]
             t0 = time.perf_counter()
-            train(load_train_config(repo / "configs" / "pretrain" / f"{name}.yaml", ov))
+            train(load_train_config(repo / "configs" / "pretrain" / f"{base}.yaml", ov))
             dt = time.perf_counter() - t0
             rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
             print(f"## {name}: {args.steps} steps in {dt:.1f} s ({1000 * dt / args.steps:.0f} ms/step)")

@@ -122,15 +122,19 @@ def test_lmi_equals_the_formula() -> None:
     glob, local = unit(B, d, seed=4), unit(B, T, d, seed=5)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=torch.bool)
     got = float(lmi_loss(glob, local, mask, 0.2))
-    # every valid local token of the batch is a candidate; sample i's own tokens are its positives
+    # TCL: each own token of sample i is a positive against the other samples' valid tokens only
     valid = [(j, t) for j in range(B) for t in range(T) if mask[j, t]]
     per = []
     for i in range(B):
         own = [(j, t) for (j, t) in valid if j == i]
         if not own:
             continue  # sample 2 has no local token: it does not count
-        p = softmax([dot(glob[i], local[j, t]) / 0.2 for (j, t) in valid])
-        per.append(-sum(math.log(p[valid.index(o)]) for o in own) / len(own))
+        negs = [(j, t) for (j, t) in valid if j != i]
+        logs = []
+        for o in own:
+            p = softmax([dot(glob[i], local[o]) / 0.2] + [dot(glob[i], local[n]) / 0.2 for n in negs])
+            logs.append(-math.log(p[0]))
+        per.append(sum(logs) / len(own))
     assert got == pytest.approx(sum(per) / len(per), rel=1e-9)
     # globals that point at their own locals score lower than shuffled ones
     aligned = F.normalize(local.mean(1), dim=-1)

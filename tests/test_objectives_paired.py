@@ -312,3 +312,13 @@ def test_images_without_patches_and_captions_without_concepts(tmp_path: Path) ->
     out = pre(only_empty, "paired")
     assert torch.isfinite(out["loss"]) and float(out["box"]) == 0.0 and float(out["concept_itc"]) == 0.0
     out["loss"].backward()
+
+
+def test_registry_holds_every_configurable_objective_with_its_weight() -> None:
+    from vlmixer.trainer.config import PAIRED_OBJECTIVES, VIEW_OBJECTIVES
+    from vlmixer.trainer.objectives.paired_terms import PAIRED_TERMS, VIEW_TERMS, needs_of, terms_of
+
+    assert set(PAIRED_TERMS) == set(PAIRED_OBJECTIVES) and set(VIEW_TERMS) == set(VIEW_OBJECTIVES)
+    terms = terms_of({"box": 2.0, "itc": 0.5, "mlm": 0.0}, PAIRED_TERMS)
+    assert [(t.name, t.weight) for t in terms] == [("itc", 0.5), ("box", 2.0)]  # weight 0 = off
+    assert needs_of(terms) == {"momentum", "queues", "temp", "alpha", "box_head"}

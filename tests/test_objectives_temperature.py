@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vlmixer.trainer.objectives.paired_losses as paired_mod
+import vlmixer.trainer.objectives.paired_terms as paired_mod
 from vlmixer.storage.gallery import GalleryReader
 from vlmixer.storage.synthetic import CONCEPTS, paired_stores
 from vlmixer.storage.textstore import TextStoreReader
@@ -156,13 +156,15 @@ def test_checkpoint_state_carries_temperature_and_ramp(stores: tuple[Path, Path]
 
 def test_itm_hard_negatives_are_drawn_by_similarity_over_temperature(stores: tuple[Path, Path],
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """ALBEF draws ITM negatives by softmax(sim / temp): the sampler sees the ITC logits, not cosines."""
+    """ALBEF draws ITM negatives by softmax(sim / temp) with sim its `sim_i2t[:, :bs]` / `sim_t2i[:, :bs]`: the
+    online features against the momentum model's of the batch, over the temperature (not cosines)."""
     ds = dataset(stores)
     got: dict[str, list] = {"itc": [], "sim": []}
     real_itc, real_hard = paired_mod.itc_loss, paired_mod.sample_hard_negatives
 
     def itc_spy(*args, **kw):  # noqa: ANN002, ANN003, ANN202
-        got["itc"].append((args[0].detach(), args[1].detach(), float(args[6].detach())))
+        got["itc"].append((args[0].detach(), args[1].detach(), args[2].detach(), args[3].detach(),
+                           float(args[6].detach())))
         return real_itc(*args, **kw)
 
     def hard_spy(sim, same, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -176,7 +178,8 @@ def test_itm_hard_negatives_are_drawn_by_similarity_over_temperature(stores: tup
         pre.paired.temp.tau.fill_(0.05)
     pre.train()
     pre(collate_paired([ds[(0, i)] for i in range(6)]), "paired")
-    (img, txt, tau), = got["itc"]
+    (img, txt, img_m, txt_m, tau), = got["itc"]
     assert tau == pytest.approx(0.05)
-    assert torch.allclose(got["sim"][0], img @ txt.t() / 0.05, atol=1e-5)  # image rows -> text columns
-    assert torch.allclose(got["sim"][1], (img @ txt.t() / 0.05).t(), atol=1e-5)
+    assert torch.allclose(got["sim"][0], img @ txt_m.t() / 0.05, atol=1e-5)  # image rows -> momentum texts
+    assert torch.allclose(got["sim"][1], txt @ img_m.t() / 0.05, atol=1e-5)  # text rows -> momentum images
+    assert not torch.allclose(got["sim"][0], img @ txt.t() / 0.05, atol=1e-3)  # not online against online

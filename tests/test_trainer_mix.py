@@ -77,3 +77,64 @@ def test_unreadable_source_gives_grey_box(stores: tuple[Path, Path]) -> None:
     even = gallery.image_patches(0)[0]
     crop = np.asarray(patch_crop(gallery, even, 32))
     assert crop.shape[0] == 32 and (crop == 160).mean() < 0.5
+
+
+def _sampled(capsys: pytest.CaptureFixture, *args: str) -> list[dict]:
+    assert main(["mix", "sample", "--n", "12", "--jsonl", *args]) == 0
+    return [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+
+
+def test_mix_with_a_runs_config_mixes_as_that_run(stores: tuple[Path, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """`--config` takes a run directory, a checkpoint or a config file: the mix is the run's (its cmc keys,
+    run.seed and max_len_valp), not the command's defaults; flags override single keys."""
+    import torch
+    import yaml
+
+    from vlmixer.config import to_dict
+    from vlmixer.trainer.loop import load_train_config
+
+    g, t = stores
+    cfg = load_train_config("pretrain/tiny", [f"data.gallery={g}", f"data.text_stores=[{t}]", "cmc.r_cmc=1.0",
+                                              "cmc.r_ctx=0.0", "cmc.k_shot=2", "run.seed=5", "data.max_len_valp=7"])
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    ckpt = tmp_path / "step_00000001.pt"
+    torch.save({"config": to_dict(cfg), "step": 1}, ckpt)
+    gallery, text = GalleryReader(g), TextStoreReader(t)
+    vocab = WordPieceVocab.read(text.vocab_file)
+    ds = ValpDataset(corpus=TextCorpus([text]), cmc=CrossModalCutMix(gallery=gallery, r_cmc=1.0, r_ctx=0.0, k_shot=2),
+                     vocab=vocab, mask=vocab.mask_spec(0.15, 0.8, 0.1), max_len=7, seed=5)
+    expected = []
+    for i in range(12):
+        _, spans, mix, _ = ds.mixed(0, i)
+        expected.append([(int(c), int(p)) for c, p in zip(spans[:, 4], mix.patch_ids)])
+    assert sum(p >= 0 for row in expected for _, p in row) > 0
+    for source in (str(run), str(ckpt), str(run / "config.yaml")):
+        rows = _sampled(capsys, "--config", source)  # the stores come from the config too
+        assert [[(w["concept"], w.get("patch_id", -1)) for w in r["words"]] for r in rows] == expected
+    # every grounded word is replaced at r_cmc 1 (but words whose concept has no patch)
+    assert all(w["replaced"] for r in rows for w in r["words"] if gallery.concept_counts()[w["concept"]] > 0)
+    # a flag overrides one key of the run's config
+    none = _sampled(capsys, "--config", str(run), "--r-cmc", "0")
+    assert not any(w["replaced"] for r in none for w in r["words"])
+    assert main(["mix", "sample", "--config", str(run), "--k-shot", "-1"]) == 2
+    assert main(["mix", "sample", "--config", str(tmp_path)]) == 2  # a directory that is not a run
+    assert main(["mix", "sample", "--text", str(t)]) == 2  # no gallery anywhere
+
+
+def test_a_checkpoint_older_than_a_method_key_reads_as_it_trained() -> None:
+    """A config saved before `model.patch_position`, `objective.box_hide` and `cmc.pool` existed trained with
+    slot positions, a visible box and per-word pools: reading it back must say so, not today's defaults."""
+    from vlmixer.config import to_dict
+    from vlmixer.trainer.config import TrainConfig
+    from vlmixer.trainer.loop import config_from_checkpoint
+
+    old = to_dict(TrainConfig())
+    for section, key in (("model", "patch_position"), ("objective", "box_hide"), ("cmc", "pool")):
+        del old[section][key]
+    cfg = config_from_checkpoint({"config": old})
+    assert (cfg.model.patch_position, cfg.objective.box_hide, cfg.cmc.pool) == ("word", "none", "per_word")
+    new = config_from_checkpoint({"config": to_dict(TrainConfig())})
+    assert (new.model.patch_position, new.objective.box_hide) == ("shared", "geometry")

@@ -56,6 +56,16 @@ def open_stores(cfg: TrainConfig) -> Stores:
     return Stores(gallery=gallery, texts=texts, tavp_galleries=tavp, vocab=vocab, paired_texts=paired)
 
 
+def valp_dataset(cfg: TrainConfig, texts: list[TextStoreReader], gallery: GalleryReader, vocab: WordPieceVocab
+                 ) -> ValpDataset:
+    """VALP's dataset as `cfg` trains it; `vlmixer mix` builds it here too, so it shows the training input."""
+    o, d = cfg.objective, cfg.data
+    return ValpDataset(corpus=TextCorpus(texts, cache_shards=d.text_cache_shards),
+                       cmc=CrossModalCutMix.from_config(gallery, cfg.cmc, seed=cfg.run.seed),
+                       vocab=vocab, mask=vocab.mask_spec(o.mlm_prob, o.mlm_mask_frac, o.mlm_random_frac),
+                       max_len=d.max_len_valp, seed=cfg.run.seed)
+
+
 def build_datasets(cfg: TrainConfig, stores: Stores) -> dict[str, torch.utils.data.Dataset]:
     """The datasets of the tasks the config trains ("valp", "tavp", "paired")."""
     o, d = cfg.objective, cfg.data
@@ -71,9 +81,7 @@ def build_datasets(cfg: TrainConfig, stores: Stores) -> dict[str, torch.utils.da
                 raise ConfigError(f"{t.root}: text store has no grounded spans in {t.num_sentences} sentences; "
                                   "VALP mixes and predicts grounded words, so there is nothing to train: tag it "
                                   "with the gallery's concepts (`vlmixer text tag --concepts GALLERY`)")
-        out["valp"] = ValpDataset(corpus=TextCorpus(stores.texts, cache_shards=d.text_cache_shards),
-                                  cmc=CrossModalCutMix.from_config(stores.gallery, cfg.cmc),
-                                  vocab=stores.vocab, mask=mask, max_len=d.max_len_valp, seed=cfg.run.seed)
+        out["valp"] = valp_dataset(cfg, stores.texts, stores.gallery, stores.vocab)
     if d.tavp_ratio > 0.0 and d.paired_ratio < 1.0:
         pieces = concept_wordpieces(stores.vocab.path, stores.gallery.concepts.names)
         out["tavp"] = TavpDataset(galleries=stores.tavp_galleries, tag_pieces=pieces, vocab=stores.vocab, mask=mask,

@@ -3,7 +3,9 @@
 For each grounded word of a sentence, with probability r_cmc, one patch of
 the word's concept is drawn from a candidate pool (K patches of the concept
 drawn uniformly without replacement, or the whole concept list when K = 0 or
-the concept has no more than K patches) with probability proportional to
+the concept has no more than K patches; a fresh pool for each word, or with
+`cmc.pool: per_concept_epoch` one pool per concept for a whole epoch) with
+probability proportional to
 
     p_i = c_i^con + r_ctx / |G_i| * sum_{j in G_i} c_ij^ctx
 
@@ -31,6 +33,9 @@ import numpy as np
 from vlmixer.storage.gallery import GalleryReader
 from vlmixer.trainer.config import CMCConfig
 
+_DEFAULTS = CMCConfig()  # the defaults live in the config schema only
+POOL_SALT = 0x504F4F4C  # "POOL": the per-concept-epoch pools' streams, apart from the samples'
+
 
 @dataclass(frozen=True)
 class MixResult:
@@ -50,21 +55,24 @@ class CrossModalCutMix:
     can be handed to DataLoader workers by fork or by pickling.
     """
 
-    def __init__(self, *, gallery: GalleryReader, r_cmc: float = 0.5, r_ctx: float = 0.5, k_shot: int = 15) -> None:
+    def __init__(self, *, gallery: GalleryReader, r_cmc: float = _DEFAULTS.r_cmc, r_ctx: float = _DEFAULTS.r_ctx,
+                 k_shot: int = _DEFAULTS.k_shot, pool: str = _DEFAULTS.pool, seed: int = 0) -> None:
         self.gallery = gallery
         self.r_cmc = float(r_cmc)
         self.r_ctx = float(r_ctx)
         self.k_shot = int(k_shot)
+        self.pool, self.seed = pool, int(seed)
         self._pid = -1
         self._a: dict[str, np.ndarray] = {}
+        self._pools: dict[tuple[int, int], np.ndarray] = {}  # (epoch, concept) -> pool, the current epoch's
 
     @classmethod
-    def from_config(cls, gallery: GalleryReader, cfg: CMCConfig) -> CrossModalCutMix:
-        return cls(gallery=gallery, r_cmc=cfg.r_cmc, r_ctx=cfg.r_ctx, k_shot=cfg.k_shot)
+    def from_config(cls, gallery: GalleryReader, cfg: CMCConfig, seed: int = 0) -> CrossModalCutMix:
+        return cls(gallery=gallery, r_cmc=cfg.r_cmc, r_ctx=cfg.r_ctx, k_shot=cfg.k_shot, pool=cfg.pool, seed=seed)
 
     def __getstate__(self) -> dict[str, object]:
         d = dict(self.__dict__)
-        d["_pid"], d["_a"] = -1, {}
+        d["_pid"], d["_a"], d["_pools"] = -1, {}, {}
         return d
 
     @property
@@ -85,6 +93,21 @@ class CrossModalCutMix:
         if not k or n <= k:
             return a["concept_patches"][lo:hi]
         return a["concept_patches"][lo + uniform_subset(n, k, rng)]
+
+    def epoch_pool(self, concept: int, epoch: int) -> np.ndarray:
+        """The concept's pool for a whole epoch (`cmc.pool: per_concept_epoch`).
+
+        Drawn as `draw_pool` draws, from a stream of (seed, epoch, concept)
+        alone, so every word of the concept in the epoch, in any worker and
+        after a resume, gets the same K candidates.
+        """
+        key = (epoch, concept)
+        pool = self._pools.get(key)
+        if pool is None:
+            if any(e != epoch for e, _ in self._pools):  # a new epoch: the old pools are done with
+                self._pools.clear()
+            pool = self._pools[key] = self.draw_pool(concept, sample_rng(self.seed, POOL_SALT, epoch, concept))
+        return pool
 
     def weights(self, pool: np.ndarray, sentence_concepts: np.ndarray) -> np.ndarray:
         """p_i of each patch in `pool` (float64), for a sentence grounding `sentence_concepts`."""
@@ -113,11 +136,12 @@ class CrossModalCutMix:
         return conf + self.r_ctx * sm / np.maximum(cnt, 1)  # sm is 0 where G_i is empty
 
     # -- one sentence -----------------------------------------------------------------------
-    def sample(self, span_concepts: np.ndarray, rng: np.random.Generator) -> MixResult:
+    def sample(self, span_concepts: np.ndarray, rng: np.random.Generator, epoch: int = 0) -> MixResult:
         """Mix one sentence whose grounded words have concepts `span_concepts` (in span order).
 
         Random stream order (fixed, for reproducibility): N replacement coins,
-        then each replaced word's pool draw in span order, then one uniform per
+        then each replaced word's pool draw in span order (`per_word` pools
+        only; `per_concept_epoch` pools come from their own stream), then one uniform per
         word with a non-empty pool for the inverse-CDF picks. The weights of all
         pools are computed in one vectorised call. A pool whose weights sum to 0
         picks uniformly.
@@ -132,7 +156,8 @@ class CrossModalCutMix:
             r_cmc, concepts = self.r_cmc, sc.tolist()
             for w, u in enumerate(rng.random(n).tolist()):
                 if u < r_cmc:
-                    pool = self.draw_pool(concepts[w], rng)
+                    pool = (self.draw_pool(concepts[w], rng) if self.pool == "per_word"
+                            else self.epoch_pool(concepts[w], epoch))
                     if len(pool):  # else no patch of this concept: the word stays text
                         pools.append(pool)
                         owners.append(w)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlmixer.config import from_dict
 from vlmixer.errors import ConfigError
 
 
@@ -60,6 +61,11 @@ class CMCConfig:
     r_ctx: float = 0.5
     # K of K-shot CMC: candidate pool size drawn uniformly without replacement; 0 = whole concept list
     k_shot: int = 15
+    # when the K candidates are drawn (VLMixer leaves it open): "per_word" = a fresh pool for every replaced
+    # word (over a run every patch of the concept is reachable, close to K = 0 on a large gallery);
+    # "per_concept_epoch" = one pool per concept for a whole epoch, drawn from (run.seed, epoch, concept)
+    # so a resume draws the same pools
+    pool: str = "per_word"
 
 
 @dataclass
@@ -77,6 +83,11 @@ class ModelConfig:
     proj_dim: int = 256
     # dropout after the patch embedding LayerNorm
     patch_dropout: float = 0.1
+    # the 1-D position a patch token carries. VLMixer encodes a patch by its feature and box alone:
+    # "shared" = every patch takes one position embedding (the last index, so text positions stop one
+    # short of max_position_embeddings); "word" = its slot's position (the replaced word's, in TAVP the
+    # patch's confidence rank, which leaks the ordering into the input)
+    patch_position: str = "shared"
 
 
 @dataclass
@@ -88,7 +99,9 @@ class ObjectiveConfig:
     mlm_random_frac: float = 0.1
     # CMCL temperature tau (paper: 0.1)
     tau: float = 0.1
-    # gather CMCL negatives from every process (the global batch), as the paper
+    # gather CMCL negatives from every process (the global batch), as the paper. Under gradient
+    # accumulation the negatives are the global *micro*-batch (optim.batch_size / optim.grad_accum rows),
+    # not the optimiser's batch; the log's cmcl_negatives says how many a row had
     cmcl_global_negatives: bool = True
     # loss weights of the VALP terms
     mlm_weight: float = 1.0
@@ -124,6 +137,10 @@ class ObjectiveConfig:
     # since the momentum model's targets are still poor then: -1 = one epoch of the task's data (ALBEF),
     # 0 = full alpha from the first batch, n > 0 = over the first n batches
     distill_rampup: int = -1
+    # X-VLM's box target is a patch of the fused image, so its box would be in the input for the head to
+    # copy: "geometry" zeroes that patch's 6 box values in the box task's input, "geometry_and_feature"
+    # its feature too, "none" leaves it (X-VLM's pixels carry no box to copy)
+    box_hide: str = "geometry"
     # TCL's visual augmentation of the paired image: Gaussian feature noise (x each feature's std)
     # and the probability of dropping a patch; 0 = off (text views differ by dropout)
     aug_feature_noise: float = 0.0
@@ -200,12 +217,11 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError(f"data.max_tag_tokens={d.max_tag_tokens}: must be in (0, max_len_tavp - 3)")
     if d.num_workers < 0 or d.prefetch_factor < 1 or d.text_cache_shards < 0:
         raise ConfigError("data.num_workers and data.text_cache_shards must be >= 0, data.prefetch_factor >= 1")
-    if not 0.0 <= c.r_cmc <= 1.0:
-        raise ConfigError(f"cmc.r_cmc={c.r_cmc}: must be in [0, 1]")
-    if c.r_ctx < 0:
-        raise ConfigError(f"cmc.r_ctx={c.r_ctx}: must be >= 0")
-    if c.k_shot < 0:
-        raise ConfigError(f"cmc.k_shot={c.k_shot}: must be >= 0 (0 = whole concept list)")
+    validate_cmc(c)
+    if cfg.model.patch_position not in PATCH_POSITIONS:
+        raise ConfigError(f"model.patch_position={cfg.model.patch_position!r}: one of {', '.join(PATCH_POSITIONS)}")
+    if o.box_hide not in BOX_HIDE:
+        raise ConfigError(f"objective.box_hide={o.box_hide!r}: one of {', '.join(BOX_HIDE)}")
     if not 0 < o.mlm_prob < 1:
         raise ConfigError(f"objective.mlm_prob={o.mlm_prob}: must be in (0, 1)")
     if o.mlm_mask_frac < 0 or o.mlm_random_frac < 0 or o.mlm_mask_frac + o.mlm_random_frac > 1:
@@ -230,9 +246,42 @@ def validate(cfg: TrainConfig, world_size: int = 1) -> None:
         raise ConfigError("run: ckpt_every >= 1, log_every >= 1, keep_last >= 0, stop_at_step >= 0 required")
 
 
+# keys whose default changed the method: a run saved before the key existed trained with these values
+LEGACY = {("model", "patch_position"): "word", ("objective", "box_hide"): "none", ("cmc", "pool"): "per_word"}
+
+
+def saved_config(saved: dict[str, Any]) -> TrainConfig:
+    """The config a checkpoint was trained with, reading a key it predates as the value it trained with.
+
+    Why: `patch_position` and `box_hide` default to the papers' reading now;
+    a checkpoint saved before they existed used slot positions and a visible
+    box, and evaluating it otherwise would feed it inputs it never saw.
+    """
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for (section, key), value in LEGACY.items():
+        d.setdefault(section, {}).setdefault(key, value)
+    return from_dict(TrainConfig, d)
+
+
+CMC_POOLS = ("per_word", "per_concept_epoch")
+PATCH_POSITIONS = ("shared", "word")
+BOX_HIDE = ("geometry", "geometry_and_feature", "none")
+
+
+def validate_cmc(c: CMCConfig) -> None:
+    """The CMC keys alone (`vlmixer mix` checks these without the rest of a training config)."""
+    if not 0.0 <= c.r_cmc <= 1.0:
+        raise ConfigError(f"cmc.r_cmc={c.r_cmc}: must be in [0, 1]")
+    if c.r_ctx < 0:
+        raise ConfigError(f"cmc.r_ctx={c.r_ctx}: must be >= 0")
+    if c.k_shot < 0:
+        raise ConfigError(f"cmc.k_shot={c.k_shot}: must be >= 0 (0 = whole concept list)")
+    if c.pool not in CMC_POOLS:
+        raise ConfigError(f"cmc.pool={c.pool!r}: one of {', '.join(CMC_POOLS)}")
+
+
 PAIRED_OBJECTIVES = ("itc", "itm", "mlm", "imc", "lmi", "box", "concept_itc", "concept_itm")
 VIEW_OBJECTIVES = ("itc", "lmi")  # on VALP's two views; ITM/box need an image, IMC a second text view
-MOMENTUM_OBJECTIVES = ("itc", "imc", "lmi")  # these need the EMA model (and, but lmi, the queues)
 
 
 def _validate_paired(cfg: TrainConfig) -> None:

@@ -233,7 +233,7 @@ class ValpDataset(torch.utils.data.Dataset):
         tokens, spans = self.corpus.get(index)
         tokens = tokens[: self.max_len - 2]
         spans = clean_spans(spans, len(tokens))
-        return tokens, spans, self.cmc.sample(spans[:, 4], rng), rng
+        return tokens, spans, self.cmc.sample(spans[:, 4], rng, epoch), rng
 
     def __getitem__(self, key: tuple[int, int]) -> list[Row]:
         epoch, index = key
@@ -256,7 +256,10 @@ class TavpDataset(torch.utils.data.Dataset):
     Tags are the image's detected concepts (most confident first, each once)
     as word-pieces; patches are the image's most confident patches (a
     prefix). Masked tag modelling predicts tag word-pieces; a masked patch has
-    its feature zeroed (box kept) and predicts its concept.
+    its feature zeroed (box kept) and predicts its concept. As in
+    U-VisualBERT, where a tag and its region are one object, the answer of a
+    masked patch must not stand in the input: the tag of its concept is
+    masked too (every word-piece [MASK], predicted by the tag loss).
     """
 
     def __init__(self, *, galleries: Sequence[GalleryReader], tag_pieces: Sequence[np.ndarray], vocab: WordPieceVocab,
@@ -284,12 +287,14 @@ class TavpDataset(torch.utils.data.Dataset):
         concepts, confs = gal.image_context(img)
         order = np.argsort(-np.asarray(confs), kind="stable")
         tags: list[np.ndarray] = []
+        tag_of: list[int] = []  # the concept of each tag word-piece
         n_tag = 0
         for c in np.asarray(concepts)[order]:
             pieces = self.tag_pieces[int(c)]
             if n_tag + len(pieces) > self.max_tag_tokens:
                 break
             tags.append(pieces)
+            tag_of.extend([int(c)] * len(pieces))
             n_tag += len(pieces)
         tag_ids = np.concatenate(tags) if tags else np.zeros(0, np.int64)
         prange = gal.image_patches(img)
@@ -307,6 +312,10 @@ class TavpDataset(torch.utils.data.Dataset):
         pm = rng.random(n_p) < self.patch_mask_prob
         feats[pm] = 0
         patch_labels = np.where(pm, pconcepts, IGNORE).astype(np.int64)
+        if pm.any() and n_tag:  # hide the tags that name a masked patch's concept
+            hide = 1 + np.flatnonzero(np.isin(np.asarray(tag_of), pconcepts[pm]))
+            labels[hide] = np.concatenate([[v.cls], tag_ids])[hide]
+            ids[hide] = v.mask
         return [Row(ids, np.arange(L, dtype=np.int64), is_patch.astype(np.int64), is_patch, labels, feats, spatial,
                     patch_labels)]
 

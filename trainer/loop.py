@@ -23,7 +23,7 @@ import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from vlmixer.config import from_dict, to_dict
+from vlmixer.config import to_dict
 from vlmixer.errors import ConfigError, VlmixerError
 from vlmixer.files import atomic_write_bytes
 from vlmixer.trainer import distributed as tdist
@@ -35,7 +35,7 @@ from vlmixer.trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from vlmixer.trainer.config import TrainConfig, validate
+from vlmixer.trainer.config import TrainConfig, saved_config, validate
 from vlmixer.trainer.data import TaskLoaders, task_for_step
 from vlmixer.trainer.model import VLMixerModel
 from vlmixer.trainer.objectives import Pretrainer
@@ -168,7 +168,7 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
         if ck is None:
             raise VlmixerError(f"--resume: no checkpoint under {out / 'checkpoints'}")
         state = load_checkpoint(ck)
-        _check_resume_config(state["config"], cfg)
+        _check_resume_config(to_dict(saved_config(state["config"])), cfg)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
@@ -180,10 +180,12 @@ def _train(cfg: TrainConfig, info: tdist.DistInfo, resume: bool) -> dict[str, An
                                      num_concepts=len(stores.gallery.concepts)).to(info.device)
     longest = max(cfg.data.max_len_valp, cfg.data.max_len_tavp,
                   cfg.data.max_caption_tokens + cfg.data.max_patches + 3 if cfg.data.paired_ratio > 0 else 0)
-    if longest > model.config.max_position_embeddings:
+    reserved = 1 if cfg.model.patch_position == "shared" else 0  # the last index is the patches'
+    if longest + reserved > model.config.max_position_embeddings:
         raise ConfigError(f"data.max_len_valp/max_len_tavp (or the paired task's max_caption_tokens + "
                           f"max_patches + 3) reach {longest} tokens but the model has "
-                          f"{model.config.max_position_embeddings} position embeddings")
+                          f"{model.config.max_position_embeddings} position embeddings"
+                          + (" (one of them the patches' shared position)" if reserved else ""))
     pre = Pretrainer(model=model, objective=cfg.objective)
     net: torch.nn.Module = pre
     if info.distributed:
@@ -299,4 +301,17 @@ def load_train_config(path: str | Path | None, overrides: list[str]) -> TrainCon
 
 
 def config_from_checkpoint(state: dict[str, Any]) -> TrainConfig:
-    return from_dict(TrainConfig, state["config"])
+    return saved_config(state["config"])
+
+
+def run_config(source: str | Path) -> TrainConfig:
+    """The config a run trains with: a run directory's `config.yaml`, the one a checkpoint (`.pt`) was
+    saved with, or a config file / bundled name (the defaults it does not set included)."""
+    p = Path(source)
+    if p.is_dir():
+        if not (p / "config.yaml").is_file():
+            raise ConfigError(f"{p}: a directory but not a training run (no config.yaml)")
+        return load_train_config(p / "config.yaml", [])
+    if p.suffix == ".pt" and p.is_file():
+        return config_from_checkpoint(load_checkpoint(p))
+    return load_train_config(source, [])

@@ -2,9 +2,11 @@
 
 Text and tag tokens use BERT's word embeddings; a patch token is
 LayerNorm(W_f feature + W_s spatial) with dropout, put where the word it
-replaced was. BERT's embedding module then adds the position embedding of
-the token's slot and the segment embedding (0 text, 1 patch) to both, so a
-patch keeps the position slot of its word. The encoder and the MLM head are
+replaced was. BERT's embedding module then adds a position embedding and the
+segment embedding (0 text, 1 patch) to both. VLMixer encodes a patch by its
+feature and box alone, so by default (`model.patch_position: shared`) every
+patch takes one shared position embedding, the last index: no 1-D order
+(in TAVP that order would be the confidence rank) reaches the input. The encoder and the MLM head are
 transformers' `BertForPreTraining` (tied word embeddings; pretrained weights
 load by hub name or local directory); the CMCL projection and the patch
 concept head are ours.
@@ -45,9 +47,10 @@ class Encoded:
 
 class VLMixerModel(nn.Module):
     def __init__(self, *, bert: BertForPreTraining, feature_dim: int, proj_dim: int, num_concepts: int,
-                 patch_dropout: float) -> None:
+                 patch_dropout: float, patch_position: str = "shared") -> None:
         super().__init__()
         cfg = bert.config
+        self.patch_position = patch_position
         self.bert = bert.bert
         self.mlm_head = bert.cls.predictions
         H = cfg.hidden_size
@@ -86,7 +89,7 @@ class VLMixerModel(nn.Module):
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"model.bert: {e}") from None
         return cls(bert=bert, feature_dim=cfg.feature_dim, proj_dim=cfg.proj_dim, num_concepts=num_concepts,
-                   patch_dropout=cfg.patch_dropout)
+                   patch_dropout=cfg.patch_dropout, patch_position=cfg.patch_position)
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Word embeddings, with patch slots overwritten by patch embeddings."""
@@ -97,9 +100,16 @@ class VLMixerModel(nn.Module):
             words = words.masked_scatter(is_patch.unsqueeze(-1), patches)
         return words
 
+    def position_ids(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The rows' position ids, patch slots set to the shared patch position unless `patch_position` is word."""
+        pos = batch["position_ids"]
+        if self.patch_position == "shared":
+            pos = pos.masked_fill(batch["is_patch"], self.config.max_position_embeddings - 1)
+        return pos
+
     def encode(self, batch: dict[str, torch.Tensor]) -> Encoded:
         out = self.bert(inputs_embeds=self.embed(batch), attention_mask=batch["attention_mask"],
-                        token_type_ids=batch["token_type_ids"], position_ids=batch["position_ids"])
+                        token_type_ids=batch["token_type_ids"], position_ids=self.position_ids(batch))
         hidden = out.last_hidden_state
         return Encoded(hidden=hidden, cls=hidden[:, 0])
 

@@ -116,15 +116,17 @@ class PairedExample:
     has_box: bool
     image: int
     concept: int
+    patch: int = -1  # the concept patch's place among the image row's patches (-1: none)
 
 
 def collate_paired(examples: Sequence[PairedExample]) -> dict[str, torch.Tensor]:
-    """`collate` of the four rows (view-major), plus per-pair box, has_box, image and concept."""
+    """`collate` of the four rows (view-major), plus per-pair box, has_box, image, concept and box patch."""
     out = collate([e.rows for e in examples])
     out["box_targets"] = torch.from_numpy(np.stack([e.box for e in examples]).astype(np.float32))
     out["has_box"] = torch.tensor([e.has_box for e in examples], dtype=torch.bool)
     out["image_ids"] = torch.tensor([e.image for e in examples], dtype=torch.long)
     out["concept_ids"] = torch.tensor([e.concept for e in examples], dtype=torch.long)
+    out["box_patch"] = torch.tensor([e.patch for e in examples], dtype=torch.long)
     return out
 
 
@@ -181,7 +183,7 @@ class PairedDataset(torch.utils.data.Dataset):
             return PairedExample(self._masked(rows, rng), np.zeros(4, np.float32), False, img, -1)
         rows += [text_row(np.concatenate([[v.cls], words, [v.sep]])), image_row(v, feats[j: j + 1],
                                                                                spatial[j: j + 1])]
-        return PairedExample(self._masked(rows, rng), normalised_box(spatial[j]), True, img, c)
+        return PairedExample(self._masked(rows, rng), normalised_box(spatial[j]), True, img, c, j)
 
     def _masked(self, rows: list[Row], rng: np.random.Generator) -> list[Row]:
         """Append the caption masked for MLM (drawn last, so the other rows do not depend on it)."""
@@ -248,4 +250,23 @@ def fuse(batch: dict[str, torch.Tensor], text_rows: Sequence[int], image_rows: S
     out["mlm_labels"] = pad(labels, batch_first=True, padding_value=IGNORE)
     out["patch_feats"] = torch.cat(feats) if feats else batch["patch_feats"][:0]
     out["patch_spatial"] = torch.cat(spatial) if spatial else batch["patch_spatial"][:0]
+    return out
+
+
+def hide_patches(fused: dict[str, torch.Tensor], which: torch.Tensor, *, feature: bool) -> dict[str, torch.Tensor]:
+    """Fused rows with the `which[r]`-th patch of row r given a zero box (and a zero feature if `feature`).
+
+    For X-VLM's box task: the patch whose box is the target must not show
+    that box. The text half of these rows carries no patches, so the k-th
+    patch of a row is the k-th of its image.
+    """
+    counts = fused["is_patch"].sum(1)
+    idx = (torch.cumsum(counts, 0) - counts) + which.to(counts.device)
+    spatial = fused["patch_spatial"].clone()
+    spatial[idx] = 0
+    out = {**fused, "patch_spatial": spatial}
+    if feature:
+        feats = fused["patch_feats"].clone()
+        feats[idx] = 0
+        out["patch_feats"] = feats
     return out

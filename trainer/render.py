@@ -1,8 +1,9 @@
 """What the model reads: multi-modal sentences as data, HTML or PNG (`vlmixer mix show|sample`).
 
-A sentence is mixed exactly as the trainer mixes it at a given epoch and
-seed (same `ValpDataset.mixed`, same per-sample random stream), so the page
-shows the training input, not a look-alike. Each replaced word is shown as
+A sentence is mixed exactly as the trainer mixes it under a run's config
+at a given epoch (the dataset `build.valp_dataset` makes for training, the
+same per-sample random stream), so the page shows the training input, not a
+look-alike. Each replaced word is shown as
 the crop of its patch from the source image, captioned with the concept,
 p_i and its probability within the candidate pool; when the source image
 cannot be read, a grey box with the concept name stands in.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +22,22 @@ from PIL import Image, ImageDraw, ImageFont
 
 from vlmixer.storage.gallery import GalleryReader
 from vlmixer.storage.textstore import TextStoreReader
-from vlmixer.trainer.cmc import CrossModalCutMix
-from vlmixer.trainer.data import TextCorpus, ValpDataset, WordPieceVocab
+from vlmixer.trainer.build import valp_dataset
+from vlmixer.trainer.config import TrainConfig
+from vlmixer.trainer.data import WordPieceVocab
 
 
-def mixed_sentences(text: TextStoreReader, gallery: GalleryReader, *, n: int, start: int = 0, seed: int = 0,
-                    epoch: int = 0, r_cmc: float = 0.5, r_ctx: float = 0.5, k_shot: int = 15,
-                    max_len: int = 80) -> list[dict[str, Any]]:
-    """Sentences start..start+n-1 with their grounded words and the CMC outcome of each."""
-    vocab = WordPieceVocab.read(text.vocab_file)
-    ds = ValpDataset(corpus=TextCorpus([text]), cmc=CrossModalCutMix(gallery=gallery, r_cmc=r_cmc, r_ctx=r_ctx,
-                                                                     k_shot=k_shot),
-                     vocab=vocab, mask=vocab.mask_spec(0.15, 0.8, 0.1), max_len=max_len, seed=seed)
+def mixed_sentences(texts: Sequence[TextStoreReader], gallery: GalleryReader, cfg: TrainConfig, *, n: int,
+                    start: int = 0, epoch: int = 0) -> list[dict[str, Any]]:
+    """Sentences start..start+n-1 of the stores (indexed as the trainer concatenates them), with their
+    grounded words and the CMC outcome of each under `cfg` (its cmc keys, run.seed, max_len_valp)."""
+    ds = valp_dataset(cfg, list(texts), gallery, WordPieceVocab.read(texts[0].vocab_file))
     names = gallery.concepts.names
+    offsets = ds.corpus.offsets
     out = []
-    for i in range(start, min(start + n, len(text))):
-        s = text.sentence(i)
+    for i in range(start, min(start + n, len(ds))):
+        r = int(np.searchsorted(offsets, i, side="right")) - 1
+        s = texts[r].sentence(i - int(offsets[r]))
         _, spans, mix, _ = ds.mixed(epoch, i)
         words = []
         for k, (cs, ce, ts, te, c) in enumerate(spans.tolist()):

@@ -20,12 +20,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vlmixer.config import from_dict
 from vlmixer.errors import ConfigError, VlmixerError
 from vlmixer.storage.gallery import GalleryReader
 from vlmixer.storage.textstore import TextStoreReader
 from vlmixer.trainer.checkpoint import latest_checkpoint, load_checkpoint
-from vlmixer.trainer.config import TrainConfig
+from vlmixer.trainer.config import TrainConfig, saved_config
 from vlmixer.trainer.data import TextCorpus, WordPieceVocab, collate, read_patches
 from vlmixer.trainer.model import VLMixerModel
 from vlmixer.trainer.paired_data import PairIndex, image_row, text_row
@@ -74,7 +73,7 @@ def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     if not p.exists():
         raise VlmixerError(f"{p}: checkpoint does not exist")
     state = load_checkpoint(p)
-    cfg = from_dict(TrainConfig, state["config"])
+    cfg = saved_config(state["config"])
     sd = state["model"]
     vocab_size = int(sd["bert.embeddings.word_embeddings.weight"].shape[0])
     num_concepts = int(sd["concept_head.3.weight"].shape[0])

@@ -53,12 +53,14 @@ class Pretrainer(nn.Module):
             cl, n_neg = cmcl_loss(proj[:B], proj[B:], o.tau, o.cmcl_global_negatives)
             total = o.mlm_weight * mlm + o.cmcl_weight * cl
             res = {"mlm": mlm.detach(), "cmcl": cl.detach(),
-                   "mlm_tokens": torch.tensor(float(n_mlm)), "cmcl_candidates": torch.tensor(float(n_neg))}
-            if self.paired is not None and self.paired.view_weights:  # objective.views on the CMC views
-                for name, term in self.paired.views(m, batch, enc).items():
-                    if name.startswith("view_"):  # the rest (the temperature) is logged only
-                        total = total + self.paired.view_weights[name[len("view_"):]] * term
-                    res[name] = term.detach()
+                   "mlm_tokens": torch.tensor(float(n_mlm)), "cmcl_candidates": torch.tensor(float(n_neg)),
+                   # under gradient accumulation these are the global micro-batch's, not the optimiser batch's
+                   "cmcl_negatives": torch.tensor(float(n_neg - 1))}
+            if self.paired is not None and self.paired.view_terms:  # objective.views on the CMC views
+                views = self.paired.views(m, batch, enc)
+                for t in self.paired.view_terms:  # the rest (the temperature) is logged only
+                    total = total + t.weight * views[f"view_{t.name}"]
+                res.update({name: term.detach() for name, term in views.items()})
             return {"loss": total, **res}
         if task == "tavp":
             tag, n_tag = mlm_loss(m.mlm_logits, enc.hidden, batch["mlm_labels"])

@@ -137,6 +137,23 @@ def itc_loss(img: torch.Tensor, txt: torch.Tensor, img_m: torch.Tensor, txt_m: t
     return (soft_contrastive(sim_i2t, sim_i2t_m, alpha) + soft_contrastive(sim_t2i, sim_t2i_m, alpha)) / 2
 
 
+def distilled_mlm_loss(logits: torch.Tensor, labels: torch.Tensor, logits_m: torch.Tensor | None, alpha: float
+                       ) -> torch.Tensor:
+    """ALBEF's MLM with momentum distillation over the N masked positions (logits (N, V), labels (N,)):
+
+    (1 - alpha) CE(logits, labels) + alpha * mean_n -sum_v softmax(logits_m)_nv log softmax(logits)_nv.
+    Why: the momentum model's soft targets also credit plausible words other
+    than the one masked out (ALBEF's `soft_labels`); `logits_m` None or
+    alpha 0 is plain cross-entropy.
+    """
+    ce = F.cross_entropy(logits.float(), labels)
+    if logits_m is None or alpha <= 0:
+        return ce
+    soft = F.softmax(logits_m.float(), dim=-1)
+    distill = -(F.log_softmax(logits.float(), dim=-1) * soft).sum(-1).mean()
+    return (1 - alpha) * ce + alpha * distill
+
+
 def sample_hard_negatives(sim: torch.Tensor, same: torch.Tensor, generator: torch.Generator | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row, a column drawn with probability softmax(sim) over columns that are not `same`.

@@ -1,5 +1,6 @@
-"""TCL objectives (Yang et al., CVPR 2022): intra-modal contrast (IMC) between two augmented views of one modality, and
-local mutual information (LMI) between one view's global [CLS] and the other view's local tokens.
+"""TCL objectives (Yang et al., CVPR 2022): intra-modal contrast (IMC) between two augmented views of one modality,
+with momentum distillation, and local mutual information (LMI) between one view's global [CLS] and the other view's
+local tokens, the other samples' tokens as negatives.
 
 The two views: the online model on augmentation 1 and the momentum model on
 augmentation 2 (for images, feature noise and patch dropout; for text the
@@ -11,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlmixer.trainer.objectives.albef import soft_contrastive
+
 
 def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, tau: float | torch.Tensor
             ) -> torch.Tensor:
@@ -20,29 +23,45 @@ def infonce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, tau: f
     return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
 
 
+def imc_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, tau: float | torch.Tensor,
+             alpha: float) -> torch.Tensor:
+    """TCL's IMC with momentum distillation: soft-target contrast of q against c = [k; queue].
+
+    The target of row i is alpha softmax(k_i . c / tau) + (1 - alpha) onehot(i)
+    (TCL distils IMC as ALBEF distils ITC); alpha 0 is `infonce`.
+    """
+    cand = k.detach() if queue is None else torch.cat([k.detach(), queue.detach()])
+    tau_m = tau.detach() if isinstance(tau, torch.Tensor) else tau
+    with torch.no_grad():
+        sim_m = k.detach() @ cand.t() / tau_m
+    return soft_contrastive(q @ cand.t() / tau, sim_m, alpha)
+
+
 def lmi_loss(glob: torch.Tensor, local: torch.Tensor, local_mask: torch.Tensor, tau: float | torch.Tensor
              ) -> torch.Tensor:
-    """Global-local InfoNCE: each global g_i against every valid local token of the batch.
+    """TCL's global-local InfoNCE: each local token of sample i against the other samples' local tokens.
 
     glob (B, d) and local (B, T, d) are unit vectors, local_mask (B, T) marks
-    real tokens. The positives of g_i are the local tokens of sample i; the
-    loss is -mean over i (with at least one local) of the mean over its
-    positives t of log softmax over all valid locals. Why: it asks the global
-    summary to be predictive of each of its own parts rather than of a few.
+    real tokens. For sample i and each of its valid tokens t,
+    l_it = -log( e^{g_i.x_it/tau} / (e^{g_i.x_it/tau} + sum_{j != i, s valid} e^{g_i.x_js/tau}) );
+    the loss is the mean over i (with at least one token) of the mean over
+    its t. The negatives are the other samples' tokens only, as TCL's
+    `in_batch_g2l_loss` masks the sample's own: its other tokens are parts of
+    the same whole, not evidence against t.
     """
     B, T, d = local.shape
     flat = local.reshape(B * T, d)
-    valid = local_mask.reshape(B * T)
-    logits = (glob @ flat.t() / tau).masked_fill(~valid[None, :], float("-inf"))
-    logp = F.log_softmax(logits, dim=1).reshape(B, B, T)
-    own = logp[torch.arange(B), torch.arange(B)]  # (B, T): row i's log-probs of its own tokens
-    own = own.masked_fill(~local_mask, 0.0)
+    logits = (glob @ flat.t() / tau).reshape(B, B, T)  # [i, j, t] = g_i . x_jt / tau
+    own = logits[torch.arange(B), torch.arange(B)]  # (B, T)
+    others = local_mask[None, :, :] & ~torch.eye(B, dtype=torch.bool, device=local.device)[:, :, None]
+    neg = torch.logsumexp(logits.masked_fill(~others, float("-inf")).reshape(B, B * T), dim=1)  # (B,)
+    per_token = -(own - torch.logaddexp(own, neg[:, None]))
+    per_token = per_token.masked_fill(~local_mask, 0.0)
     n = local_mask.sum(1)
     has = n > 0
     if not bool(has.any()):
         return glob.sum() * 0.0
-    per = -(own.sum(1)[has] / n[has])
-    return per.mean()
+    return (per_token.sum(1)[has] / n[has]).mean()
 
 
 def augment_patches(feats: torch.Tensor, patch_rows: torch.Tensor, attention: torch.Tensor,

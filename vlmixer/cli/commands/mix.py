@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 from vlmixer.cli import CommandTree
@@ -11,18 +12,29 @@ from vlmixer.errors import VlmixerError
 def _mixed(args: argparse.Namespace) -> tuple[list, object]:
     from vlmixer.storage.gallery import GalleryReader
     from vlmixer.storage.textstore import TextStoreReader
+    from vlmixer.trainer.config import TrainConfig, validate_cmc
+    from vlmixer.trainer.loop import run_config
     from vlmixer.trainer.render import mixed_sentences
 
     if args.n < 1:
         raise VlmixerError(f"--n {args.n}: show at least one sentence")
-    if not 0 <= args.r_cmc <= 1 or args.r_ctx < 0 or args.k_shot < 0:
-        raise VlmixerError("--r-cmc must be in [0, 1], --r-ctx and --k-shot >= 0")
-    gallery = GalleryReader(args.gallery)
-    text = TextStoreReader(args.text, expect_concepts_sha256=gallery.concepts.sha256)
-    if not 0 <= args.start < len(text):
-        raise VlmixerError(f"--start {args.start}: the text store holds {len(text)} sentences")
-    items = mixed_sentences(text, gallery, n=args.n, start=args.start, seed=args.seed, epoch=args.epoch,
-                            r_cmc=args.r_cmc, r_ctx=args.r_ctx, k_shot=args.k_shot)
+    cfg = run_config(args.config) if args.config else TrainConfig()
+    cmc = {k: v for k, v in (("r_cmc", args.r_cmc), ("r_ctx", args.r_ctx), ("k_shot", args.k_shot)) if v is not None}
+    cfg.cmc = dataclasses.replace(cfg.cmc, **cmc)
+    if args.seed is not None:
+        cfg.run.seed = args.seed
+    validate_cmc(cfg.cmc)
+    gallery_dir = args.gallery or cfg.data.gallery
+    text_dirs = [args.text] if args.text else cfg.data.text_stores
+    if not gallery_dir or not text_dirs:
+        raise VlmixerError("say which stores to mix: --text and --gallery, or --config with data.text_stores "
+                           "and data.gallery")
+    gallery = GalleryReader(gallery_dir)
+    texts = [TextStoreReader(t, expect_concepts_sha256=gallery.concepts.sha256) for t in text_dirs]
+    total = sum(len(t) for t in texts)
+    if not 0 <= args.start < total:
+        raise VlmixerError(f"--start {args.start}: the text stores hold {total} sentences")
+    items = mixed_sentences(texts, gallery, cfg, n=args.n, start=args.start, epoch=args.epoch)
     return items, gallery
 
 
@@ -53,22 +65,26 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text", required=True, help="text store (vlmixer text tag output)")
-    p.add_argument("--gallery", required=True, help="patch gallery (vlmixer gallery build output)")
+    p.add_argument("--config", help="mix as this run does: a run directory, a checkpoint (.pt), or a "
+                                    "pre-training config file or bundled name (default: the config defaults)")
+    p.add_argument("--text", help="text store (vlmixer text tag output); default: the config's data.text_stores")
+    p.add_argument("--gallery", help="patch gallery (vlmixer gallery build output); default: the config's "
+                                     "data.gallery")
     p.add_argument("--n", type=int, default=8, help="number of sentences (default 8)")
     p.add_argument("--start", type=int, default=0, help="first sentence index")
-    p.add_argument("--seed", type=int, default=0, help="run.seed of the training run to reproduce")
     p.add_argument("--epoch", type=int, default=0)
-    p.add_argument("--r-cmc", type=float, default=0.5, dest="r_cmc")
-    p.add_argument("--r-ctx", type=float, default=0.5, dest="r_ctx")
-    p.add_argument("--k-shot", type=int, default=15, dest="k_shot")
+    # these override the config's keys; unset, the config's value holds
+    p.add_argument("--seed", type=int, help="run.seed")
+    p.add_argument("--r-cmc", type=float, dest="r_cmc", help="cmc.r_cmc")
+    p.add_argument("--r-ctx", type=float, dest="r_ctx", help="cmc.r_ctx")
+    p.add_argument("--k-shot", type=int, dest="k_shot", help="cmc.k_shot")
 
 
 def register(tree: CommandTree) -> None:
     p = tree.subcommand("mix", "show", _show,
                         help="Render multi-modal sentences (patch crops where the words were, concept, p_i) "
                              "exactly as the trainer mixes them",
-                        example="vlmixer mix show --text text_store --gallery gallery --n 8 --out mix.html")
+                        example="vlmixer mix show --config runs/vlmixer --n 8 --out mix.html")
     _common(p)
     p.add_argument("--out", required=True, help="output file: .html or .png")
     p = tree.subcommand("mix", "sample", _sample, help="Print the patch ids CMC samples for each grounded word",
