@@ -298,6 +298,9 @@ def test_symlink_loops_and_a_fifo_are_walked_once_and_recorded(tmp_path: Path) -
     assert set(skipped) == {"self", "sub/up", "sub/back", "other/again"}
     assert all("already walked" in why for why in skipped.values())
     assert "left out while listing (4)" in report.summary()
+    os.mkfifo(tmp_path / "list.txt")  # a FIFO given as the list file is refused, not read
+    with pytest.raises(VlmixerError, match="not a regular file or a folder"):
+        read_source(tmp_path / "list.txt")
 
 
 @pytest.mark.slow

@@ -196,6 +196,8 @@ def iter_source(src: str | Path, *, image_root: str | Path | None = None,
     if not p.exists():
         raise VlmixerError(f"{p}: image source does not exist (a folder, a list file, a COCO/VG json, "
                            "webdataset .tar shards or .parquet files)")
+    if not p.is_file():
+        raise VlmixerError(f"{p}: image source is not a regular file or a folder")
     if p.suffix.lower() == ".json":
         return iter(_json_items(p, root))
     if p.suffix.lower() in LIST_EXTENSIONS:
