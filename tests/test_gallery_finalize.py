@@ -243,10 +243,13 @@ def test_the_build_finalizes_under_its_budget(tmp_path: Path, monkeypatch: pytes
     seen: list[tuple[object, ...]] = []
     real = gf.finalize_gallery
     monkeypatch.setattr(gf, "finalize_gallery", lambda *a, **k: seen.append(a) or real(*a, **k))
-    monkeypatch.setattr(job, "read_source", lambda *a, **k: [])
+    monkeypatch.setattr(job, "_run_in_process", lambda *a, **k: None)  # nothing is detected or committed
     cfg = tmp_path / "d.yaml"
     cfg.write_text("x: 1\n")
-    report = job.build_gallery(BuildOptions(images="x", detector=str(cfg), out=str(tmp_path / "g")))
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(b"")
+    report = job.build_gallery(BuildOptions(images=str(tmp_path / "imgs"), detector=str(cfg), out=str(tmp_path / "g"),
+                                            ray_address="none"))
     assert seen == [(tmp_path / "g", BuildOptions.finalize_memory_mb)] and report.gallery_patches == 0
 
 
@@ -288,6 +291,6 @@ def test_a_full_disk_is_one_clear_error_and_the_old_index_stays(tied: tuple[Path
     monkeypatch.setattr(gf.NpyWriter, "append", append)
     with pytest.raises(StoreError, match=r"could not write its index .*No space left on device.*bytes per patch"):
         gf.finalize_gallery(root, budget=BUDGETS["chunk7"])
-    assert sorted(p.name for p in root.iterdir()) == ["gallery.json", "index", "manifest.json", "parts"]
+    assert sorted(p.name for p in root.iterdir()) == ["build.lock", "gallery.json", "index", "manifest.json", "parts"]
     assert index_bytes(root) == want
     GalleryReader(root).close()

@@ -101,7 +101,7 @@ def test_mix_with_a_runs_config_mixes_as_that_run(stores: tuple[Path, Path], tmp
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
     ckpt = tmp_path / "step_00000001.pt"
-    torch.save({"config": to_dict(cfg), "step": 1}, ckpt)
+    torch.save({"model": {}, "config": to_dict(cfg), "step": 1}, ckpt)
     gallery, text = GalleryReader(g), TextStoreReader(t)
     vocab = WordPieceVocab.read(text.vocab_file)
     ds = ValpDataset(corpus=TextCorpus([text]), cmc=CrossModalCutMix(gallery=gallery, r_cmc=1.0, r_ctx=0.0, k_shot=2),
