@@ -3,81 +3,18 @@
 Their extractor saves `info` (a dict of object ids, confidences, attribute ids
 and the image size) through `np.savez`, which pickles it as a 0-d object array.
 `np.load(allow_pickle=True)` would execute whatever a downloaded file's pickle
-names. This unpickler resolves only the numpy callables an array needs and
-then checks that the result holds nothing but arrays of plain dtypes, numbers,
-strings, lists and dicts; any other global (`os.system`, `builtins.eval`, ...)
-is refused before it is looked up, so a hostile file runs nothing.
+names. Object members go through the pipeline's numpy-only unpickler
+(`vlmixer.pipeline.safe_pickle`), so a hostile file runs nothing; plain members
+are read as numpy reads them with allow_pickle=False.
 """
 from __future__ import annotations
 
-import io
-import pickle
 import zipfile
 from typing import Any
 
 import numpy as np
 
-
-class UnsafePickle(ValueError):
-    """The pickle names something other than the numpy array machinery, or holds other objects."""
-
-
-# (module, name) pairs a pickled numpy array of numbers or strings refers to, across numpy 1.x and 2.x
-_ALLOWED = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-})
-
-
-class _ArraysOnly(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in _ALLOWED:
-            raise UnsafePickle(f"pickle refers to {module}.{name}, refused (only numpy arrays are allowed)")
-        return super().find_class(module, name)
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickle("pickle uses persistent ids, refused")
-
-
-def _check(obj: Any, depth: int = 0) -> None:
-    if depth > 8:
-        raise UnsafePickle("pickle nests deeper than 8 levels")
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes, np.generic)):
-        if isinstance(obj, np.generic) and obj.dtype.hasobject:
-            raise UnsafePickle("pickle holds a numpy object scalar")
-        return
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.hasobject:
-            raise UnsafePickle("pickle holds a nested object array")
-        return
-    if isinstance(obj, (list, tuple)):
-        for x in obj:
-            _check(x, depth + 1)
-        return
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if not isinstance(k, (str, int)):
-                raise UnsafePickle(f"pickle dict key of type {type(k).__name__}")
-            _check(v, depth + 1)
-        return
-    raise UnsafePickle(f"pickle holds a {type(obj).__name__}")
-
-
-def loads_arrays_only(data: bytes) -> Any:
-    """Unpickle `data` if it holds only numpy arrays, numbers, strings, lists and dicts."""
-    try:
-        obj = _ArraysOnly(io.BytesIO(data)).load()
-    except UnsafePickle:
-        raise
-    except Exception as e:  # noqa: BLE001  truncated or foreign bytes: many exception types
-        raise UnsafePickle(f"unreadable pickle ({type(e).__name__}: {str(e)[:80]})") from None
-    if isinstance(obj, np.ndarray) and obj.dtype.hasobject:
-        if obj.ndim != 0:
-            raise UnsafePickle(f"object array of shape {obj.shape}; expected a single object")
-        obj = obj.item()
-    _check(obj)
-    return obj
+from vlmixer.pipeline.safe_pickle import loads_numpy_only
 
 
 def read_npy_member(zf: zipfile.ZipFile, member: str) -> Any:
@@ -92,7 +29,7 @@ def read_npy_member(zf: zipfile.ZipFile, member: str) -> Any:
         else:
             raise ValueError(f"{member}: unsupported .npy version {version}")
         if dtype.hasobject:
-            return loads_arrays_only(f.read())
+            return loads_numpy_only(f.read(), unwrap=True)
         count = int(np.prod(shape)) if shape else 1
         raw = f.read(count * dtype.itemsize)
         if len(raw) != count * dtype.itemsize:

@@ -31,7 +31,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from vlmixer.pipeline.gallery.npz_pickle import UnsafePickle, read_npy_member
+from vlmixer.pipeline.gallery.npz_pickle import read_npy_member
+from vlmixer.pipeline.safe_pickle import UnsafePickle
 
 BUTD_FIELDS = ("image_id", "image_w", "image_h", "num_boxes", "boxes", "features")
 LXMERT_FIELDS = ("img_id", "img_h", "img_w", "objects_id", "objects_conf", "attrs_id", "attrs_conf",
