@@ -116,6 +116,12 @@ class GalleryReader:
         self._state: dict[str, Any] = {}
 
     # -- lazy, per-process handles -------------------------------------------------
+    def part_views(self) -> list[tuple[Any, dict[bytes, Any]]]:
+        """(read transaction, named sub-databases) of each part, in manifest order: what `verify`
+        walks block by block. They belong to this reader; don't close them."""
+        st = self._open()
+        return list(zip(st["txns"], st["dbs"]))
+
     def _open(self) -> dict[str, Any]:
         if self._pid == PID[0]:
             return self._state

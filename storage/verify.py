@@ -57,9 +57,9 @@ def verify_gallery(root: str | Path, *, quick: bool = False) -> list[str]:
         return problems
     seen_patches = 0
     keys: set[str] = set()
-    st = g._open()
+    views = g.part_views()
     for part, info in enumerate(g.manifest["parts"]):
-        txn, dbs = st["txns"][part], st["dbs"][part]
+        txn, dbs = views[part]
         ni = fmt.unpack_count(txn.get(b"n_images", db=dbs[b"meta"]))
         npch = fmt.unpack_count(txn.get(b"n_patches", db=dbs[b"meta"]))
         if (ni, npch) != (info["images"], info["patches"]):
