@@ -80,3 +80,15 @@ def get(ref: Any, what: str = "a worker") -> Any:
         return ray.get(ref)
     except RayError as e:
         raise readable(e, what) from None
+
+
+def close_writer(writer: Any) -> None:
+    """Close a store-writer actor and kill it. Best effort: every commit it acknowledged is
+    already durable, so a writer that cannot close cleanly loses nothing."""
+    import ray
+
+    try:
+        ray.get(writer.close.remote(), timeout=60)
+    except Exception:  # noqa: BLE001  see the docstring
+        pass
+    ray.kill(writer)

@@ -687,11 +687,7 @@ def _run_ray(opts: ImportOptions, plan: Plan, spec: ReaderSpec, todo: list[Impor
                     _record(report, ray_session.get(ref, "the shard writer"))
     finally:
         if writer is not None:
-            try:
-                ray.get(writer.close.remote(), timeout=60)
-            except Exception:  # noqa: BLE001  closing is best effort; the commits are durable
-                pass
-            ray.kill(writer)
+            ray_session.close_writer(writer)
         if started:
             ray.shutdown()
 

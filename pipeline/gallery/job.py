@@ -663,11 +663,7 @@ def _run_ray(opts: BuildOptions, todo: Iterable[Shard], progress: Progress, repo
         for a in actors:
             ray.kill(a)
         if writer is not None:
-            try:
-                ray.get(writer.close.remote(), timeout=60)
-            except Exception:  # noqa: BLE001  closing is best effort; the commits are durable
-                pass
-            ray.kill(writer)
+            ray_session.close_writer(writer)
         if started:
             ray.shutdown()
 
