@@ -229,3 +229,18 @@ def test_cli_build_defaults_are_the_options_defaults(monkeypatch: pytest.MonkeyP
 
     assert main(["gallery", "build", "--images", "imgs", "--detector", "tiny", "--out", "g"]) == 0
     assert seen == [BuildOptions(images="imgs", detector=str(resolve_config("tiny", "detector")), out="g")]
+
+
+def test_load_rgb_refuses_special_files_without_blocking(tmp_path: Path) -> None:
+    """`gallery show` and the report decode through load_rgb: a FIFO named .jpg is a BadImage at once
+    (reading it would block forever), as it is for the build's sources."""
+    import os
+
+    from vlmixer.pipeline.gallery.images import BadImage, load_rgb
+
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(BadImage, match=r"not a regular file \(FIFO\)"):
+        load_rgb(fifo)
+    with pytest.raises(BadImage, match="missing file"):
+        load_rgb(tmp_path / "none.jpg")

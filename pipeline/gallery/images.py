@@ -28,6 +28,8 @@ data) does not change.
 from __future__ import annotations
 
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,14 +202,38 @@ def decode_bytes(data: bytes, policy: DecodePolicy = DecodePolicy()) -> DecodedI
 
 
 def load_rgb(path: str | Path, policy: DecodePolicy = DecodePolicy()) -> DecodedImage:
-    """Read and decode one file; missing or unreadable files are `BadImage` too."""
-    p = Path(path)
+    """Read and decode one file; missing, unreadable or special files are `BadImage` too."""
+    return decode_bytes(read_regular_file(path), policy)
+
+
+def read_regular_file(path: str | Path) -> bytes:
+    """A file's bytes, refusing anything but a regular file without blocking on it.
+
+    Opened non-blocking and checked with fstat on the open descriptor: a FIFO named
+    `.jpg` would otherwise hang the reader forever, and a device could be read without end."""
     try:
-        data = p.read_bytes()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
         raise BadImage("missing file") from None
     except IsADirectoryError:
         raise BadImage("not a file (directory)") from None
     except OSError as e:
-        raise BadImage(f"unreadable ({_short(e)})") from None
-    return decode_bytes(data, policy)
+        raise BadImage(f"unreadable ({e.strerror or e})") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BadImage(f"not a regular file ({_file_kind(mode)})")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    except OSError as e:
+        raise BadImage(f"unreadable ({e.strerror or e})") from None
+    finally:
+        os.close(fd)
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"

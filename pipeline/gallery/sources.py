@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,13 @@ from typing import Any
 
 from vlmixer.errors import VlmixerError
 from vlmixer.pipeline.containers import parse_locator, read_located
-from vlmixer.pipeline.gallery.images import BadImage, DecodedImage, DecodePolicy, decode_bytes
+from vlmixer.pipeline.gallery.images import (
+    BadImage,
+    DecodedImage,
+    DecodePolicy,
+    decode_bytes,
+    read_regular_file,
+)
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 LIST_EXTENSIONS = frozenset({".txt", ".lst", ".list", ".tsv"})
@@ -249,39 +254,6 @@ def plan_summary(shards: Sequence[Shard]) -> dict[str, Any]:
 
 
 # -- reading an item's bytes ----------------------------------------------------------------
-
-
-def read_regular_file(path: str | Path) -> bytes:
-    """A file's bytes, refusing anything but a regular file without blocking on it.
-
-    Opened non-blocking and checked with fstat on the open descriptor: a FIFO named
-    `.jpg` would otherwise hang the reader forever, and a device could be read without end."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise BadImage("missing file") from None
-    except IsADirectoryError:
-        raise BadImage("not a file (directory)") from None
-    except OSError as e:
-        raise BadImage(f"unreadable ({e.strerror or e})") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise BadImage(f"not a regular file ({_file_kind(mode)})")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
-    except OSError as e:
-        raise BadImage(f"unreadable ({e.strerror or e})") from None
-    finally:
-        os.close(fd)
-
-
-def _file_kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
-        if test(mode):
-            return name
-    return "special file"
 
 
 def read_item_bytes(item: ImageItem) -> bytes:
