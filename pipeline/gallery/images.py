@@ -123,12 +123,19 @@ def _sixteen_bit(img: Image.Image) -> bool:
     return False
 
 
+def _odd_mode(img: Image.Image, strict: bool, deep: bool) -> bool:
+    """Whether the image is CMYK, 16-bit, alpha or palette-transparent; under strict modes that is
+    a BadImage. One rule for both decode modes: they differ in converting, not in refusing."""
+    odd = img.mode in ODD_MODES or (img.mode == "P" and "transparency" in img.info) or deep
+    if odd and strict:
+        what = f"16-bit {img.mode}" if deep and img.mode == "RGB" else img.mode
+        raise BadImage(f"unsupported mode {what} (strict modes)")
+    return odd
+
+
 def _to_rgb(img: Image.Image, strict: bool, deep: bool) -> tuple[Image.Image, str | None]:
     mode = img.mode
-    odd = mode in ODD_MODES or (mode == "P" and "transparency" in img.info) or deep
-    if odd and strict:
-        what = f"16-bit {mode}" if deep and mode == "RGB" else mode
-        raise BadImage(f"unsupported mode {what} (strict modes)")
+    _odd_mode(img, strict, deep)
     if mode == "RGB":
         return img, ("16-bit RGB -> 8-bit RGB" if deep else None)
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
@@ -155,10 +162,7 @@ def _to_rgb(img: Image.Image, strict: bool, deep: bool) -> tuple[Image.Image, st
 def _reference_rgb(img: Image.Image, strict: bool, deep: bool) -> tuple[Image.Image, str | None]:
     """What the reference extractors do: `convert("RGB")`, nothing else (same refusals as standard)."""
     mode = img.mode
-    odd = mode in ODD_MODES or (mode == "P" and "transparency" in img.info) or deep
-    if odd and strict:
-        what = f"16-bit {mode}" if deep and mode == "RGB" else mode
-        raise BadImage(f"unsupported mode {what} (strict modes)")
+    odd = _odd_mode(img, strict, deep)
     if mode == "F":
         raise BadImage("unsupported mode F (32-bit float samples)")
     try:
